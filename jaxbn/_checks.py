@@ -1,0 +1,116 @@
+"""Argument validation and dtype helpers shared by the pure functions and modules.
+
+Every check runs at trace time on static Python values and shapes, so a bad
+argument fails before any computation, with a message that names the argument.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Axes = int | Sequence[int]
+
+
+def feature_axes(ndim: int, axis: Axes, *, name: str = "axis") -> tuple[int, ...]:
+    """Returns the sorted, non-negative feature axes; rejects out-of-range or repeated axes."""
+    raw = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+    if not raw:
+        raise ValueError(f"`{name}` must name at least one feature axis, got {axis!r}.")
+    out = []
+    for a in raw:
+        if not isinstance(a, numbers.Integral):
+            raise TypeError(f"`{name}` must be an int or a tuple of ints, got {axis!r}.")
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"`{name}`={axis!r} is out of range for an input of rank {ndim} "
+                f"(valid axes are {-ndim}..{ndim - 1})."
+            )
+        out.append(int(a) % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"`{name}`={axis!r} names the same axis more than once.")
+    return tuple(sorted(out))
+
+
+def reduction_axes(ndim: int, features: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(i for i in range(ndim) if i not in features)
+
+
+def feature_shape(shape: tuple[int, ...], features: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(shape[a] for a in features)
+
+
+def check_input(x: Any, *, name: str = "x") -> None:
+    dtype = jnp.result_type(x) if not hasattr(x, "dtype") else x.dtype
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating)):
+        raise TypeError(
+            f"`{name}` must be a floating-point (or complex) array, got dtype {dtype}; "
+            f"cast it first, e.g. {name}.astype(jnp.float32)."
+        )
+
+
+def check_param(p: Any, expected: tuple[int, ...], *, name: str) -> None:
+    if p is None:
+        return
+    if tuple(np.shape(p)) != expected:
+        raise ValueError(
+            f"`{name}` must have the feature shape {expected} (one value per feature), "
+            f"got shape {tuple(np.shape(p))}."
+        )
+
+
+def check_mask(mask: Any, shape: tuple[int, ...]) -> None:
+    if mask is None:
+        return
+    mshape = tuple(np.shape(mask))
+    try:
+        out = np.broadcast_shapes(mshape, shape)
+    except ValueError:
+        out = None
+    if out != tuple(shape):
+        raise ValueError(
+            f"`mask` of shape {mshape} does not broadcast to the input shape {tuple(shape)}."
+        )
+    mdtype = getattr(mask, "dtype", None)
+    if mdtype is not None and not (mdtype == jnp.bool_ or jnp.issubdtype(mdtype, jnp.integer)):
+        raise TypeError(f"`mask` must be a boolean array (True = use), got dtype {mdtype}.")
+
+
+def check_epsilon(epsilon: Any) -> None:
+    if isinstance(epsilon, jax.core.Tracer):
+        return
+    if not np.all(np.asarray(epsilon) > 0):
+        raise ValueError(f"`epsilon` must be > 0, got {epsilon!r}.")
+
+
+def check_momentum(momentum: Any, *, name: str = "momentum") -> None:
+    if isinstance(momentum, jax.core.Tracer):
+        return
+    m = np.asarray(momentum)
+    if not np.all((m >= 0) & (m <= 1)):
+        raise ValueError(f"`{name}` must lie in [0, 1], got {momentum!r}.")
+
+
+def stats_dtype(dtype: Any, *, force_float32: bool = True) -> np.dtype:
+    """The dtype statistics are accumulated in: at least float32 (complex64 for complex)."""
+    dtype = np.dtype(dtype)
+    if not force_float32:
+        return dtype
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return dtype if dtype.itemsize >= 8 else np.dtype(jnp.complex64)
+    return dtype if dtype.itemsize >= 4 else np.dtype(jnp.float32)
+
+
+def result_dtype(*arrays: Any) -> np.dtype:
+    """jnp's standard promotion of the given arrays, independent of the strict-promotion flag."""
+    with jax.numpy_dtype_promotion("standard"):
+        return np.dtype(jnp.result_type(*[a for a in arrays if a is not None]))
+
+
+def real_dtype(dtype: Any) -> np.dtype:
+    return np.dtype(jnp.finfo(dtype).dtype)

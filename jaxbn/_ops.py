@@ -1,0 +1,266 @@
+"""normalize (inference) and batch_norm (training, custom VJP with the hand-derived backward).
+
+Notation, per feature, over the m elements reduced (pooled across devices under
+``axis_name``; masked-out elements excluded)::
+
+    mu = sum(x) / m,  var = sum((x - mu)^2) / m,  s = 1 / sqrt(var + eps)
+    xhat = (x - mu) * s,  y = gamma * xhat + beta
+
+Backward, with dy the cotangent of y and (g_mu, g_var) those of the returned
+statistics::
+
+    dbeta  = sum(dy)                 dgamma = sum(dy * xhat)
+    dxhat  = dy * gamma
+    dvar   = sum(dxhat * (x - mu)) * -s^3 / 2 + g_var
+    dmean  = -s * sum(dxhat) + g_mu                       # sum(x - mu) = 0
+    dx     = dxhat * s + dvar * 2 (x - mu) / m + dmean / m
+
+which simplifies to::
+
+    dx = gamma*s * (dy - sum(dy)/m - xhat * sum(dy*xhat)/m) + g_mu/m + 2 g_var (x - mu)/m
+
+Only two reductions over the batch remain (sum(dy) and sum(dy*xhat), which are
+also dbeta and dgamma), done in one pass; under ``axis_name`` they and the
+statistic cotangents are summed across devices in one ``psum``. dgamma and
+dbeta stay per-device, like the gradient of any replicated parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import _checks
+from jaxbn._stats import Moments, compute_moments
+
+
+def _expand(v: jax.Array | None, red: tuple[int, ...]) -> jax.Array | None:
+    return None if v is None else jnp.expand_dims(v, red)
+
+
+def apply_affine(x, mean, inv, scale, bias, red, out_dtype, sdtype):
+    """y = (x - mean) * inv * scale + bias computed in ``sdtype``, returned in ``out_dtype``."""
+    mul = inv if scale is None else inv * scale.astype(sdtype)
+    y = (x.astype(sdtype) - _expand(mean, red)) * _expand(mul, red)
+    if bias is not None:
+        y = y + _expand(bias.astype(sdtype), red)
+    return y.astype(out_dtype)
+
+
+def validate(x, scale, bias, axis, epsilon, mask):
+    _checks.check_input(x)
+    features = _checks.feature_axes(x.ndim, axis)
+    fshape = _checks.feature_shape(x.shape, features)
+    _checks.check_param(scale, fshape, name="scale")
+    _checks.check_param(bias, fshape, name="bias")
+    _checks.check_epsilon(epsilon)
+    _checks.check_mask(mask, x.shape)
+    return features, _checks.reduction_axes(x.ndim, features)
+
+
+def normalize(
+    x: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    *,
+    axis: _checks.Axes = -1,
+    epsilon: float = 1e-5,
+) -> jax.Array:
+    """Normalizes ``x`` with given statistics: ``(x - mean) / sqrt(var + eps) * scale + bias``.
+
+    This is batch norm's inference transform (running statistics). Arithmetic is
+    done in at least float32; the result has the standard promotion of ``x``,
+    ``scale`` and ``bias`` (as flax.linen.BatchNorm).
+
+    Args:
+      x: input array.
+      mean, var: per-feature statistics of the feature shape.
+      scale, bias: optional per-feature gamma and beta.
+      axis: the feature axis or axes.
+      epsilon: added to the variance; must be > 0.
+    """
+    features, red = validate(x, scale, bias, axis, epsilon, None)
+    fshape = _checks.feature_shape(x.shape, features)
+    _checks.check_param(mean, fshape, name="mean")
+    _checks.check_param(var, fshape, name="var")
+    sdtype = _checks.stats_dtype(x.dtype)
+    inv = lax.rsqrt(jnp.asarray(var).astype(_checks.real_dtype(sdtype)) + epsilon)
+    mean = jnp.asarray(mean).astype(sdtype)
+    out = _checks.result_dtype(x, scale, bias)
+    return apply_affine(x, mean, inv, scale, bias, red, out, sdtype)
+
+
+class _Config(NamedTuple):
+    red: tuple[int, ...]
+    epsilon: float
+    axis_name: Any
+    axis_index_groups: Any
+    fast_variance: bool
+    sdtype: Any
+    out_dtype: Any
+
+
+def _forward(cfg: _Config, x, scale, bias, mask):
+    mom = compute_moments(
+        x,
+        cfg.red,
+        mask=mask,
+        fast_variance=cfg.fast_variance,
+        axis_name=cfg.axis_name,
+        axis_index_groups=cfg.axis_index_groups,
+        dtype=cfg.sdtype,
+    )
+    inv = lax.rsqrt(mom.var + cfg.epsilon)
+    y = apply_affine(x, mom.mean, inv, scale, bias, cfg.red, cfg.out_dtype, cfg.sdtype)
+    return y, mom, inv
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _batch_norm(cfg: _Config, x, scale, bias, mask):
+    y, mom, _ = _forward(cfg, x, scale, bias, mask)
+    return y, mom
+
+
+def _batch_norm_fwd(cfg: _Config, x, scale, bias, mask):
+    y, mom, inv = _forward(cfg, x, scale, bias, mask)
+    # Residuals: x, the mask, and per-feature vectors only.
+    return (y, mom), (x, scale, bias, mask, mom.mean, inv, mom.count)
+
+
+def _batch_norm_bwd(cfg: _Config, res, cts):
+    x, scale, bias, mask, mean, inv, count = res
+    dy, dmom = cts
+    red, sd = cfg.red, cfg.sdtype
+    xc = x.astype(sd) - _expand(mean, red)
+    xhat = xc * _expand(inv, red)
+    dyf = dy.astype(sd)
+    if mask is not None:
+        valid = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+        dyf = jnp.where(valid, dyf, 0)
+        xhat = jnp.where(valid, xhat, 0)
+    # The two reductions of the backward pass, fused into one read of (dy, x).
+    sum_dy = jnp.sum(dyf, axis=red)
+    sum_dy_xhat = jnp.sum(dyf * xhat, axis=red)
+    g_mean = dmom.mean.astype(sd)
+    g_var = dmom.var.astype(inv.dtype)
+    if cfg.axis_name is not None:
+        tot = lax.psum(
+            jnp.stack([sum_dy, sum_dy_xhat, g_mean, g_var.astype(sd)]),
+            cfg.axis_name,
+            axis_index_groups=cfg.axis_index_groups,
+        )
+        tot_dy, tot_dy_xhat, g_mean, g_var = tot[0], tot[1], tot[2], tot[3]
+    else:
+        tot_dy, tot_dy_xhat = sum_dy, sum_dy_xhat
+    inv_m = jnp.where(count > 0, 1 / jnp.maximum(count, 1), 0).astype(count.dtype)
+    a = inv if scale is None else inv * scale.astype(sd)  # gamma * s
+    b = g_mean * inv_m - a * tot_dy * inv_m
+    c = 2 * g_var * inv_m - a * tot_dy_xhat * inv_m * inv
+    # dx = a*dy + b + c*(x - mu); masked positions get zero gradient.
+    dx = _expand(a, red) * dyf + _expand(b, red) + _expand(c, red) * xc
+    if mask is not None:
+        dx = jnp.where(valid, dx, 0)
+    dscale = None if scale is None else sum_dy_xhat.astype(scale.dtype)
+    dbias = None if bias is None else sum_dy.astype(bias.dtype)
+    return dx.astype(x.dtype), dscale, dbias, None
+
+
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+def batch_norm(
+    x: jax.Array,
+    scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    *,
+    axis: _checks.Axes = -1,
+    epsilon: float = 1e-5,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    mask: jax.Array | None = None,
+    fast_variance: bool = False,
+    stats_dtype: Any = None,
+) -> tuple[jax.Array, Moments]:
+    """Training-mode batch norm: normalizes with this batch's statistics.
+
+    ``y = (x - mean) / sqrt(var + eps) * scale + bias`` with ``mean``/``var`` the
+    per-feature statistics of the batch (see :func:`jaxbn.moments`), pooled over
+    ``axis_name`` when given. This is a ``jax.custom_vjp`` whose backward pass is
+    the hand-derived one (module docstring of ``jaxbn._ops``): it keeps only ``x``
+    and per-feature vectors as residuals, does both batch reductions in one pass,
+    and under ``axis_name`` sums them across devices in one collective (sync-BN's
+    backward). Cotangents flowing into the returned statistics are honoured.
+    Masked-out positions (``mask`` False) are padding: they do not enter the
+    statistics or the gradient sums and receive zero gradient. Complex inputs are
+    supported through automatic differentiation of the same forward pass.
+
+    Args:
+      x: floating-point input.
+      scale, bias: optional per-feature gamma and beta of the feature shape.
+      axis: the feature axis or axes.
+      epsilon: added to the variance; must be > 0.
+      axis_name: mapped axis name(s) to pool statistics over.
+      axis_index_groups: groups of device indices pooled separately.
+      mask: boolean array broadcastable to ``x``; True marks elements to use.
+      fast_variance: use the one-pass ``E[x^2] - E[x]^2`` variance.
+      stats_dtype: dtype of the statistics (default: at least float32).
+
+    Returns:
+      ``(y, Moments(mean, var, count))``; y has the standard promotion of x,
+      scale and bias.
+
+    Raises:
+      ValueError: if each feature would reduce over a single element (variance
+        undefined) on a single device, or on any invalid argument.
+    """
+    features, red = validate(x, scale, bias, axis, epsilon, mask)
+    if axis_name is None and math.prod(x.shape[i] for i in red) == 1:
+        raise ValueError(
+            f"batch_norm in training mode reduces over a single element per feature "
+            f"(x shape {x.shape}, feature axes {features}): the batch variance is "
+            f"undefined. Use a larger batch, or normalize with running statistics."
+        )
+    sdtype = _checks.stats_dtype(x.dtype) if stats_dtype is None else stats_dtype
+    return batch_norm_impl(
+        x,
+        scale,
+        bias,
+        mask,
+        red=red,
+        epsilon=epsilon,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        fast_variance=fast_variance,
+        sdtype=sdtype,
+        out_dtype=_checks.result_dtype(x, scale, bias),
+    )
+
+
+def batch_norm_impl(
+    x, scale, bias, mask, *, red, epsilon, axis_name, axis_index_groups, fast_variance, sdtype, out_dtype
+) -> tuple[jax.Array, Moments]:
+    """:func:`batch_norm` on validated arguments (used by the modules)."""
+    cfg = _Config(
+        tuple(red),
+        float(epsilon),
+        tuple(axis_name) if isinstance(axis_name, list) else axis_name,
+        _freeze(axis_index_groups),
+        bool(fast_variance),
+        sdtype,
+        out_dtype,
+    )
+    if jnp.iscomplexobj(x):
+        y, mom, _ = _forward(cfg, x, scale, bias, mask)
+        return y, mom
+    return _batch_norm(cfg, x, scale, bias, mask)
+
+
+def _freeze(groups):
+    return None if groups is None else tuple(tuple(int(i) for i in g) for g in groups)

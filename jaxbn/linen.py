@@ -1,0 +1,182 @@
+"""flax.linen BatchNorm: a drop-in replacement for flax.linen.BatchNorm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import module as flax_module
+from jax.nn import initializers
+
+from jaxbn import _checks, _ops
+from jaxbn._running import update_running_stats
+
+
+def _immutable_error(path: str) -> ValueError:
+    return ValueError(
+        f"BatchNorm {path} runs in training mode (use_running_average=False) and must "
+        "update its running statistics, but the 'batch_stats' collection is immutable. "
+        "Pass mutable=['batch_stats'] to apply() and keep the returned batch_stats, e.g. "
+        "`y, updates = model.apply(variables, x, mutable=['batch_stats'])`; "
+        "or call with use_running_average=True to evaluate with the running statistics."
+    )
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization, a drop-in for ``flax.linen.BatchNorm``.
+
+    Every argument of ``flax.linen.BatchNorm`` is accepted with the same meaning,
+    and the same variables are created: ``params/{scale, bias}`` and
+    ``batch_stats/{mean, var}``, so variables move freely between the two.
+    Training mode (``use_running_average=False``) normalizes with the batch
+    statistics through :func:`jaxbn.batch_norm` (hand-derived backward) and
+    updates the running statistics (``new = momentum * old + (1 - momentum) *
+    batch``); nothing is updated during ``init``, where ``axis_name`` is ignored
+    so that ``init`` works outside a mapped context.
+
+    Differences from flax.linen.BatchNorm (bug fixes):
+
+    * ``use_fast_variance`` defaults to ``False``: the variance is computed from
+      data shifted close to the mean, accurate when ``|mean| >> std``. Flax's
+      default one-pass ``E[x^2] - E[x]^2`` loses all precision there (mean 1e4,
+      std 1 in float32 gives a variance off by orders of magnitude).
+    * With ``axis_name``, statistics are pooled weighted by each device's element
+      count (one collective), so masks and unequal per-device batches give the
+      statistics of the global batch; flax averages per-device means.
+    * A batch (or feature) whose elements are all masked out leaves the running
+      statistics unchanged instead of filling them with NaN.
+    * Applying in training mode without ``mutable=['batch_stats']`` raises an
+      error that says how to fix the call.
+
+    Extra options (off by default; variables are added only when enabled):
+
+    Attributes:
+      use_running_average: if True, use the stored running statistics.
+      axis: the feature axis or axes.
+      momentum: ema decay of the running statistics, in [0, 1].
+      epsilon: added to the variance, > 0.
+      dtype: dtype of the result (default: promotion of input and params).
+      param_dtype: dtype of scale and bias.
+      use_bias, use_scale: learn beta / gamma.
+      bias_init, scale_init: initializers of beta / gamma.
+      axis_name: mapped axis name(s) over which batch statistics are pooled.
+      axis_index_groups: groups of device indices pooled separately.
+      use_fast_variance: one-pass variance (faster on some backends, unstable).
+      force_float32_reductions: accumulate statistics in at least float32.
+      running_average: ``"ema"`` (default) or ``"cumulative"`` (exact average of
+        all batches so far, PyTorch's ``momentum=None``; adds
+        ``batch_stats/count``).
+      unbiased_running_var: store ``n / (n - 1)`` times the batch variance in the
+        running variance (PyTorch's convention).
+    """
+
+    use_running_average: bool | None = None
+    axis: int | tuple[int, ...] = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Any = initializers.zeros
+    scale_init: Any = initializers.ones
+    axis_name: Any = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = False
+    force_float32_reductions: bool = True
+    # jaxbn options
+    running_average: str = "ema"
+    unbiased_running_var: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Normalizes ``x``.
+
+        Args:
+          x: the input.
+          use_running_average: overrides the attribute of the same name.
+          mask: boolean array broadcastable to ``x``; True marks the elements that
+            enter the batch statistics (training mode only).
+
+        Returns:
+          The normalized input, of the same shape.
+        """
+        use_running_average = flax_module.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        _checks.check_momentum(self.momentum)
+        if self.running_average not in ("ema", "cumulative"):
+            raise ValueError(
+                f"`running_average` must be 'ema' or 'cumulative', got {self.running_average!r}."
+            )
+        features, red = _ops.validate(x, None, None, self.axis, self.epsilon, mask)
+        fshape = _checks.feature_shape(x.shape, features)
+        sdtype = _checks.stats_dtype(
+            self.dtype if self.dtype is not None else x.dtype,
+            force_float32=self.force_float32_reductions,
+        )
+        var_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, var_dtype), fshape)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, var_dtype), fshape)
+        ra_count = None
+        if self.running_average == "cumulative":
+            ra_count = self.variable(
+                "batch_stats", "count", lambda s: jnp.zeros(s, jnp.int32), fshape
+            )
+
+        scale = bias = None
+        if self.use_scale:
+            scale = self.param("scale", self.scale_init, fshape, self.param_dtype)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, fshape, self.param_dtype)
+        if not self.force_float32_reductions:
+            scale = None if scale is None else jnp.asarray(scale, self.param_dtype)
+            bias = None if bias is None else jnp.asarray(bias, self.param_dtype)
+        out_dtype = self.dtype if self.dtype is not None else _checks.result_dtype(x, scale, bias)
+
+        if use_running_average:
+            inv = jax.lax.rsqrt(
+                ra_var.value.astype(_checks.real_dtype(sdtype)) + self.epsilon
+            )
+            mean = ra_mean.value.astype(sdtype)
+            return _ops.apply_affine(x, mean, inv, scale, bias, red, out_dtype, sdtype)
+
+        initializing = self.is_initializing()
+        y, batch = _ops.batch_norm_impl(
+            x,
+            scale,
+            bias,
+            mask,
+            red=red,
+            epsilon=self.epsilon,
+            axis_name=None if initializing else self.axis_name,
+            axis_index_groups=None if initializing else self.axis_index_groups,
+            fast_variance=self.use_fast_variance,
+            sdtype=sdtype,
+            out_dtype=out_dtype,
+        )
+        if not initializing:
+            if not self.is_mutable_collection("batch_stats"):
+                raise _immutable_error("/".join(("",) + tuple(self.scope.path)))
+            mean, var, count = update_running_stats(
+                ra_mean.value,
+                ra_var.value,
+                batch,
+                momentum=self.momentum,
+                mode=self.running_average,
+                unbiased=self.unbiased_running_var,
+                count=None if ra_count is None else ra_count.value,
+            )
+            ra_mean.value, ra_var.value = mean, var
+            if ra_count is not None:
+                ra_count.value = count
+        return y
