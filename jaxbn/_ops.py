@@ -97,6 +97,16 @@ def normalize(
     return apply_affine(x, mean, inv, scale, bias, red, out, sdtype)
 
 
+def check_reducible(shape: tuple[int, ...], red: tuple[int, ...], axis_name: Any) -> None:
+    """Training mode needs more than one element per feature (on one device)."""
+    if axis_name is None and math.prod(shape[i] for i in red) == 1:
+        raise ValueError(
+            f"batch_norm in training mode reduces over a single element per feature "
+            f"(input shape {tuple(shape)}, reduction axes {red}): the batch variance is "
+            f"undefined. Use a larger batch, or normalize with running statistics."
+        )
+
+
 class _Config(NamedTuple):
     red: tuple[int, ...]
     epsilon: float
@@ -221,12 +231,7 @@ def batch_norm(
         undefined) on a single device, or on any invalid argument.
     """
     features, red = validate(x, scale, bias, axis, epsilon, mask)
-    if axis_name is None and math.prod(x.shape[i] for i in red) == 1:
-        raise ValueError(
-            f"batch_norm in training mode reduces over a single element per feature "
-            f"(x shape {x.shape}, feature axes {features}): the batch variance is "
-            f"undefined. Use a larger batch, or normalize with running statistics."
-        )
+    check_reducible(x.shape, red, axis_name)
     sdtype = _checks.stats_dtype(x.dtype) if stats_dtype is None else stats_dtype
     return batch_norm_impl(
         x,

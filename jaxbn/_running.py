@@ -58,7 +58,8 @@ def update_running_stats(
     if unbiased:
         bvar = bvar * (n / jnp.maximum(n - 1, 1)).astype(bvar.dtype)
     seen = n > 0
-    bmean = batch.mean.astype(jnp.result_type(mean))
+    # A complex batch mean turns a real running mean complex, as in flax.
+    bmean = batch.mean.astype(_checks.result_dtype(mean, batch.mean))
     bvar = bvar.astype(jnp.result_type(var))
     if mode == "ema":
         # Flax's exact arithmetic, so that results match flax.linen.BatchNorm bit for bit.

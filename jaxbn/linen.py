@@ -151,6 +151,8 @@ class BatchNorm(nn.Module):
             return _ops.apply_affine(x, mean, inv, scale, bias, red, out_dtype, sdtype)
 
         initializing = self.is_initializing()
+        if not initializing:
+            _ops.check_reducible(x.shape, red, self.axis_name)
         y, batch = _ops.batch_norm_impl(
             x,
             scale,

@@ -1,0 +1,168 @@
+"""jaxbn.BatchNorm is a drop-in for flax.linen.BatchNorm."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbn
+
+
+class ConvNet(nn.Module):
+    norm: type = nn.BatchNorm
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(8, (3, 3))(x)
+        x = self.norm(use_running_average=not train, momentum=0.9, epsilon=1e-3)(x)
+        x = nn.relu(x)
+        x = x.reshape((x.shape[0], -1))
+        x = nn.Dense(16)(x)
+        x = self.norm(use_running_average=not train)(x)  # auto-named BatchNorm_1
+        return nn.Dense(4)(x)
+
+
+def _data(n=16):
+    return jax.random.normal(jax.random.key(0), (n, 6, 6, 3)) * 2 + 0.5
+
+
+def test_same_variables_outputs_and_updates_as_flax():
+    x = _data()
+    flax_model, ours_model = ConvNet(nn.BatchNorm), ConvNet(jaxbn.BatchNorm)
+    v_flax = flax_model.init(jax.random.key(1), x, train=True)
+    v_ours = ours_model.init(jax.random.key(1), x, train=True)
+    assert jax.tree.structure(v_flax) == jax.tree.structure(v_ours)
+    jax.tree.map(np.testing.assert_array_equal, v_flax, v_ours)
+    assert set(v_ours["params"]) == {"Conv_0", "BatchNorm_0", "Dense_0", "BatchNorm_1", "Dense_1"}
+
+    y_f, upd_f = flax_model.apply(v_flax, x, train=True, mutable=["batch_stats"])
+    y_o, upd_o = ours_model.apply(v_flax, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(y_o, y_f, rtol=1e-6, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), upd_o, upd_f)
+    # The variables of each apply to the other, in evaluation mode too.
+    v2 = {"params": v_ours["params"], **upd_o}
+    np.testing.assert_allclose(
+        flax_model.apply(v2, x, train=False), ours_model.apply(v2, x, train=False), rtol=1e-6, atol=1e-6
+    )
+    # Gradients agree as well.
+    def loss(model, params):
+        variables = {"params": params, "batch_stats": v_flax["batch_stats"]}
+        y, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(y**2)
+
+    g_f = jax.grad(lambda p: loss(flax_model, p))(v_flax["params"])
+    g_o = jax.grad(lambda p: loss(ours_model, p))(v_flax["params"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_o, g_f)
+
+
+def test_init_does_not_update_and_works_unmapped_with_axis_name():
+    x = _data()
+    bn = jaxbn.BatchNorm(use_running_average=False, axis_name="batch")
+    v = bn.init(jax.random.key(0), x)
+    np.testing.assert_array_equal(v["batch_stats"]["mean"], 0)
+    np.testing.assert_array_equal(v["batch_stats"]["var"], 1)
+
+
+def test_use_running_average_on_construction_or_call_positional():
+    x = _data()
+    v = jaxbn.BatchNorm().init(jax.random.key(0), x, False)
+    stats = {"mean": jnp.full(3, 0.5), "var": jnp.full(3, 4.0)}
+    v = {"params": v["params"], "batch_stats": stats}
+    expect = (x - 0.5) / jnp.sqrt(4.0 + 1e-5)
+    np.testing.assert_allclose(jaxbn.BatchNorm().apply(v, x, True), expect, rtol=1e-6)
+    np.testing.assert_allclose(jaxbn.BatchNorm(use_running_average=True).apply(v, x), expect, rtol=1e-6)
+    with pytest.raises(ValueError):  # flax's merge_param: given twice
+        jaxbn.BatchNorm(use_running_average=True).apply(v, x, True)
+
+
+def test_mask_matches_flax_and_nan_at_masked_positions():
+    x = _data()
+    mask = (jnp.arange(16) < 11)[:, None, None, None]
+    x_nan = jnp.where(mask, x, jnp.nan)
+    v = nn.BatchNorm().init(jax.random.key(0), x, False)
+    y_f, u_f = nn.BatchNorm(use_fast_variance=False).apply(v, x_nan, False, mask=mask, mutable=["batch_stats"])
+    y_o, u_o = jaxbn.BatchNorm().apply(v, x_nan, False, mask=mask, mutable=["batch_stats"])
+    np.testing.assert_allclose(y_o[:11], y_f[:11], rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u_o, u_f)
+    assert bool(jnp.all(jnp.isfinite(u_o["batch_stats"]["mean"])))
+
+
+def test_all_masked_batch_leaves_running_stats_unchanged():
+    x = _data()
+    v = jaxbn.BatchNorm().init(jax.random.key(0), x, False)
+    y, upd = jaxbn.BatchNorm().apply(v, x, False, mask=jnp.zeros((16, 1, 1, 1), bool), mutable=["batch_stats"])
+    assert bool(jnp.all(jnp.isfinite(y)))
+    jax.tree.map(np.testing.assert_array_equal, upd["batch_stats"], v["batch_stats"])
+
+
+def test_stable_variance_where_flax_default_fails():
+    x = 1e4 + jax.random.normal(jax.random.key(3), (256, 4))
+    v = nn.BatchNorm().init(jax.random.key(0), x, False)
+    _, u_o = jaxbn.BatchNorm(momentum=0.0).apply(v, x, False, mutable=["batch_stats"])
+    _, u_f = nn.BatchNorm(momentum=0.0).apply(v, x, False, mutable=["batch_stats"])
+    true = np.asarray(x, np.float64).var(0)
+    assert np.max(np.abs(u_o["batch_stats"]["var"] / true - 1)) < 1e-3
+    assert np.max(np.abs(u_f["batch_stats"]["var"] / true - 1)) > 1e-2  # flax's one-pass default
+
+
+def test_extra_options_add_variables_only_when_enabled():
+    x = _data()
+    v = jaxbn.BatchNorm(running_average="cumulative").init(jax.random.key(0), x, False)
+    assert set(v["batch_stats"]) == {"mean", "var", "count"}
+    bn = jaxbn.BatchNorm(running_average="cumulative", unbiased_running_var=True)
+    batches = [x, x * 2 + 1, x - 3]
+    for b in batches:
+        _, upd = bn.apply(v, b, False, mutable=["batch_stats"])
+        v = {"params": v["params"], **upd}
+    flat = [np.asarray(b).reshape(-1, 3) for b in batches]
+    np.testing.assert_allclose(v["batch_stats"]["mean"], np.mean([f.mean(0) for f in flat], 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(v["batch_stats"]["var"], np.mean([f.var(0, ddof=1) for f in flat], 0), rtol=1e-5)
+    np.testing.assert_array_equal(v["batch_stats"]["count"], 3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_keeps_float32_state(dtype):
+    x = _data().astype(dtype)
+    bn = jaxbn.BatchNorm(dtype=dtype)
+    v = bn.init(jax.random.key(0), x, False)
+    y, upd = bn.apply(v, x, False, mutable=["batch_stats"])
+    assert y.dtype == dtype
+    assert upd["batch_stats"]["mean"].dtype == jnp.float32 and upd["batch_stats"]["var"].dtype == jnp.float32
+    # Default dtype promotes like flax: half input with float32 params gives float32.
+    assert jaxbn.BatchNorm().apply(v, x, True).dtype == jnp.float32
+
+
+def test_complex_inputs_like_flax():
+    with jax.numpy_dtype_promotion("standard"):
+        x = _data() + 1j * _data(16)[::-1]
+        v = nn.BatchNorm().init(jax.random.key(0), x, False)
+        y_f, _ = nn.BatchNorm(use_fast_variance=False).apply(v, x, False, mutable=["batch_stats"])
+        y_o, _ = jaxbn.BatchNorm().apply(v, x, False, mutable=["batch_stats"])
+        np.testing.assert_allclose(y_o, y_f, rtol=1e-5, atol=1e-5)
+
+
+def test_training_without_mutable_batch_stats_says_what_to_do():
+    x = _data()
+    v = jaxbn.BatchNorm().init(jax.random.key(0), x, False)
+    with pytest.raises(ValueError, match="mutable=\\['batch_stats'\\]"):
+        jaxbn.BatchNorm().apply(v, x, False)
+
+
+def test_module_argument_errors():
+    x = _data()
+    with pytest.raises(ValueError, match="`momentum`"):
+        jaxbn.BatchNorm(momentum=-0.1).init(jax.random.key(0), x, False)
+    with pytest.raises(ValueError, match="`epsilon`"):
+        jaxbn.BatchNorm(epsilon=0).init(jax.random.key(0), x, False)
+    with pytest.raises(ValueError, match="`axis`"):
+        jaxbn.BatchNorm(axis=4).init(jax.random.key(0), x, False)
+    with pytest.raises(TypeError, match="`x`"):
+        jaxbn.BatchNorm().init(jax.random.key(0), jnp.ones((4, 3), jnp.int32), False)
+
+
+def test_single_example_init_is_allowed_but_training_on_it_is_not():
+    bn = jaxbn.BatchNorm()
+    v = bn.init(jax.random.key(0), jnp.ones((1, 5)), False)  # common: init with one example
+    with pytest.raises(ValueError, match="single element"):
+        bn.apply(v, jnp.ones((1, 5)), False, mutable=["batch_stats"])
