@@ -58,8 +58,12 @@ def update_running_stats(
     if unbiased:
         bvar = bvar * (n / jnp.maximum(n - 1, 1)).astype(bvar.dtype)
     seen = n > 0
-    # A complex batch mean turns a real running mean complex, as in flax.
-    bmean = batch.mean.astype(_checks.result_dtype(mean, batch.mean))
+    # Running statistics keep their dtype; a complex batch mean turns a real
+    # running mean complex, as in flax.
+    mean = jnp.asarray(mean)
+    if jnp.iscomplexobj(batch.mean) and not jnp.iscomplexobj(mean):
+        mean = mean.astype(_checks.result_dtype(mean, batch.mean))
+    bmean = batch.mean.astype(mean.dtype)
     bvar = bvar.astype(jnp.result_type(var))
     if mode == "ema":
         # Flax's exact arithmetic, so that results match flax.linen.BatchNorm bit for bit.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -10,8 +11,13 @@ import jax.numpy as jnp
 from flax.linen import module as flax_module
 from jax.nn import initializers
 
-from jaxbn import _checks, _ops
+from jaxbn import _checks, _layer
 from jaxbn._running import update_running_stats
+
+
+#: Collection into which training-mode calls record their batch Moments when it is
+#: mutable (used by :func:`jaxbn.recompute_batch_stats`).
+MOMENTS_COLLECTION = "batch_moments"
 
 
 def _immutable_error(path: str) -> ValueError:
@@ -50,7 +56,7 @@ class BatchNorm(nn.Module):
     * Applying in training mode without ``mutable=['batch_stats']`` raises an
       error that says how to fix the call.
 
-    Extra options (off by default; variables are added only when enabled):
+    Extra options are off by default and add variables only when enabled.
 
     Attributes:
       use_running_average: if True, use the stored running statistics.
@@ -70,6 +76,25 @@ class BatchNorm(nn.Module):
         ``batch_stats/count``).
       unbiased_running_var: store ``n / (n - 1)`` times the batch variance in the
         running variance (PyTorch's convention).
+      renorm: batch renormalization (Ioffe 2017): in training, normalized values
+        become ``xhat * r + d`` with ``r = clip(std_B / std_mov, rmin, rmax)``,
+        ``d = clip((mean_B - mean_mov) / std_mov, -dmax, dmax)`` under
+        ``stop_gradient``; ``mean_mov``/``std_mov`` are ``batch_stats/renorm_mean``
+        and ``batch_stats/renorm_std``. Inference is unchanged.
+      renorm_clipping: dict with optional keys ``rmax``, ``rmin``, ``dmax``
+        (missing keys mean inf, 0, inf), as in Keras.
+      renorm_momentum: ema decay of the renorm moving mean and std.
+      virtual_batch_size: ghost batch norm: split the leading axis into
+        sub-batches of this size, each normalized with its own statistics
+        (scale, bias and running statistics shared; the running statistics get
+        the average over sub-batches). Inference never splits the batch.
+      adjustment: Keras's adjustment: ``adjustment(shape[, rng]) -> (a, b)``,
+        applied as ``v * a + b`` to the normalized values before scale and bias,
+        in training only. ``rng`` comes from the ``'adjustment'`` rng stream when
+        one is given to ``apply``, else None.
+      frozen: always normalize with the running statistics and never update
+        them, whatever ``use_running_average`` says (Keras's ``trainable=False``
+        for fine-tuning); gradients still flow to the input, scale and bias.
     """
 
     use_running_average: bool | None = None
@@ -89,6 +114,12 @@ class BatchNorm(nn.Module):
     # jaxbn options
     running_average: str = "ema"
     unbiased_running_var: bool = False
+    renorm: bool = False
+    renorm_clipping: Any = None
+    renorm_momentum: float = 0.99
+    virtual_batch_size: int | None = None
+    adjustment: Callable | None = None
+    frozen: bool = False
 
     @nn.compact
     def __call__(
@@ -112,73 +143,87 @@ class BatchNorm(nn.Module):
         use_running_average = flax_module.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
-        _checks.check_momentum(self.momentum)
         if self.running_average not in ("ema", "cumulative"):
             raise ValueError(
                 f"`running_average` must be 'ema' or 'cumulative', got {self.running_average!r}."
             )
-        features, red = _ops.validate(x, None, None, self.axis, self.epsilon, mask)
-        fshape = _checks.feature_shape(x.shape, features)
-        sdtype = _checks.stats_dtype(
-            self.dtype if self.dtype is not None else x.dtype,
+        if self.renorm:
+            _checks.check_momentum(self.renorm_momentum, name="renorm_momentum")
+            _layer.renorm_clip(self.renorm_clipping)
+        lay = _layer.layout(
+            x,
+            axis=self.axis,
+            epsilon=self.epsilon,
+            momentum=self.momentum,
+            mask=mask,
+            dtype=self.dtype,
             force_float32=self.force_float32_reductions,
         )
         var_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
 
-        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, var_dtype), fshape)
-        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, var_dtype), fshape)
-        ra_count = None
-        if self.running_average == "cumulative":
-            ra_count = self.variable(
-                "batch_stats", "count", lambda s: jnp.zeros(s, jnp.int32), fshape
-            )
+        def stat(name, fill, dtype=var_dtype):
+            return self.variable("batch_stats", name, lambda s: jnp.full(s, fill, dtype), lay.fshape)
+
+        ra_mean, ra_var = stat("mean", 0), stat("var", 1)
+        ra_count = stat("count", 0, jnp.int32) if self.running_average == "cumulative" else None
+        rn_mean, rn_std = (stat("renorm_mean", 0), stat("renorm_std", 1)) if self.renorm else (None, None)
 
         scale = bias = None
         if self.use_scale:
-            scale = self.param("scale", self.scale_init, fshape, self.param_dtype)
+            scale = self.param("scale", self.scale_init, lay.fshape, self.param_dtype)
         if self.use_bias:
-            bias = self.param("bias", self.bias_init, fshape, self.param_dtype)
+            bias = self.param("bias", self.bias_init, lay.fshape, self.param_dtype)
         if not self.force_float32_reductions:
             scale = None if scale is None else jnp.asarray(scale, self.param_dtype)
             bias = None if bias is None else jnp.asarray(bias, self.param_dtype)
         out_dtype = self.dtype if self.dtype is not None else _checks.result_dtype(x, scale, bias)
 
-        if use_running_average:
-            inv = jax.lax.rsqrt(
-                ra_var.value.astype(_checks.real_dtype(sdtype)) + self.epsilon
-            )
-            mean = ra_mean.value.astype(sdtype)
-            return _ops.apply_affine(x, mean, inv, scale, bias, red, out_dtype, sdtype)
+        if use_running_average or self.frozen:
+            return _layer.infer(x, ra_mean.value, ra_var.value, scale, bias, lay, self.epsilon, out_dtype)
 
         initializing = self.is_initializing()
-        if not initializing:
-            _ops.check_reducible(x.shape, red, self.axis_name)
-        y, batch = _ops.batch_norm_impl(
+        adjustment = None
+        if self.adjustment is not None:
+            rng = self.make_rng("adjustment") if self.has_rng("adjustment") else None
+            adjustment = _layer.call_adjustment(self.adjustment, x.shape, rng)
+        out = _layer.train(
             x,
             scale,
             bias,
             mask,
-            red=red,
+            lay,
             epsilon=self.epsilon,
             axis_name=None if initializing else self.axis_name,
             axis_index_groups=None if initializing else self.axis_index_groups,
             fast_variance=self.use_fast_variance,
-            sdtype=sdtype,
             out_dtype=out_dtype,
+            virtual_batch_size=self.virtual_batch_size,
+            renorm=(rn_mean.value, rn_std.value) if self.renorm else None,
+            renorm_clipping=self.renorm_clipping,
+            adjustment=adjustment,
+            initializing=initializing,
         )
-        if not initializing:
-            if not self.is_mutable_collection("batch_stats"):
-                raise _immutable_error("/".join(("",) + tuple(self.scope.path)))
-            mean, var, count = update_running_stats(
-                ra_mean.value,
-                ra_var.value,
-                batch,
-                momentum=self.momentum,
-                mode=self.running_average,
-                unbiased=self.unbiased_running_var,
-                count=None if ra_count is None else ra_count.value,
-            )
-            ra_mean.value, ra_var.value = mean, var
-            if ra_count is not None:
-                ra_count.value = count
-        return y
+        if initializing:
+            return out.y
+        if self.is_mutable_collection(MOMENTS_COLLECTION):
+            self.sow(MOMENTS_COLLECTION, "moments", out.batch, reduce_fn=lambda _, new: new)
+        if not self.is_mutable_collection("batch_stats"):
+            raise _immutable_error("/".join(("",) + tuple(self.scope.path)))
+        mean, var, count = update_running_stats(
+            ra_mean.value,
+            ra_var.value,
+            out.batch,
+            momentum=self.momentum,
+            mode=self.running_average,
+            unbiased=self.unbiased_running_var,
+            count=None if ra_count is None else ra_count.value,
+        )
+        ra_mean.value, ra_var.value = mean, var
+        if ra_count is not None:
+            ra_count.value = count
+        if self.renorm:
+            seen = out.batch.count > 0
+            m = self.renorm_momentum
+            rn_mean.value = jnp.where(seen, m * rn_mean.value + (1 - m) * out.renorm_mean, rn_mean.value)
+            rn_std.value = jnp.where(seen, m * rn_std.value + (1 - m) * out.renorm_std, rn_std.value)
+        return out.y

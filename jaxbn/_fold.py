@@ -1,0 +1,140 @@
+"""Folding inference-mode batch norm into the preceding Dense or Conv layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.core import unfreeze
+
+from jaxbn.linen import BatchNorm as JaxbnBatchNorm
+
+_LINEAR = (nn.Dense, nn.Conv)
+_NORMS = (JaxbnBatchNorm, nn.BatchNorm)
+
+
+class FoldedModel(NamedTuple):
+    """Result of :func:`fold_batch_norm`.
+
+    Attributes:
+      variables: the folded variables: no BatchNorm entries and no
+        ``batch_stats`` for the folded layers; the linear layers' kernels and
+        biases absorb the normalization.
+      apply: ``apply(variables, *args, **kwargs)``, the model with every folded
+        BatchNorm removed from the computation.
+      pairs: ``(linear_path, batchnorm_path)`` of each folded pair.
+    """
+
+    variables: dict[str, Any]
+    apply: Callable[..., Any]
+    pairs: tuple[tuple[str, str], ...]
+
+
+def _path(module: nn.Module) -> tuple[str, ...]:
+    return tuple(module.scope.path)
+
+
+def _find_pairs(model: nn.Module, variables, args, kwargs):
+    """Runs the model once and records each BN whose input is exactly a Dense/Conv output."""
+    outputs: dict[int, tuple[nn.Module, Any]] = {}
+    pairs: list[tuple[tuple[str, ...], tuple[str, ...], nn.Module, nn.Module]] = []
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+        out = next_fun(*call_args, **call_kwargs)
+        if context.method_name != "__call__":
+            return out
+        mod = context.module
+        if isinstance(mod, _LINEAR):
+            outputs[id(out)] = (mod, out)
+        elif isinstance(mod, _NORMS) and call_args:
+            hit = outputs.get(id(call_args[0]))
+            if hit is not None and hit[1] is call_args[0]:
+                pairs.append((_path(hit[0]), _path(mod), hit[0], mod))
+        return out
+
+    with nn.intercept_methods(interceptor):
+        model.apply(variables, *args, **kwargs)
+    return pairs
+
+
+def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> FoldedModel:
+    """Folds every inference-mode BatchNorm that directly follows a Dense or Conv.
+
+    For a linear layer ``z = x @ W + b`` followed by ``y = (z - mean) * s + beta``
+    with ``s = gamma / sqrt(var + eps)``, the folded layer is
+    ``W' = W * s`` (per output feature) and ``b' = (b - mean) * s + beta``, so the
+    BN costs nothing at deployment and the kernel can be quantized as is.
+
+    Pairs are found by running the model once on ``args``/``kwargs`` (which
+    must select inference mode, e.g. ``train=False``): a BN (jaxbn's or
+    flax's) is folded when its input is exactly the output of a ``nn.Dense`` or
+    ``nn.Conv`` (feature axis last). The linear output must feed only that BN,
+    as in Conv → BN → activation stacks.
+
+    Args:
+      model: the flax.linen model.
+      variables: its variables (``params`` and ``batch_stats``).
+      *args, **kwargs: a sample call of the model in inference mode.
+
+    Returns:
+      A :class:`FoldedModel`; ``folded.apply(folded.variables, *args, **kwargs)``
+      equals ``model.apply(variables, *args, **kwargs)``.
+
+    Raises:
+      ValueError: if no foldable pair is found, or a BN does not normalize the
+        last axis.
+    """
+    pairs = _find_pairs(model, variables, args, kwargs)
+    if not pairs:
+        raise ValueError("fold_batch_norm found no Dense/Conv directly followed by a BatchNorm.")
+    params = traverse_util.flatten_dict(unfreeze(variables["params"]))
+    stats = traverse_util.flatten_dict(unfreeze(variables.get("batch_stats", {})))
+    folded_bn, biased = set(), set()
+    for lin_path, bn_path, lin, bn in pairs:
+        axis = bn.axis if isinstance(bn.axis, int) else tuple(bn.axis)
+        if axis not in (-1, (-1,)) and axis != len(params[lin_path + ("kernel",)].shape) - 1:
+            raise ValueError(f"BatchNorm {'/'.join(bn_path)} normalizes axis {bn.axis}; only the last axis folds.")
+        kernel = params[lin_path + ("kernel",)]
+        mean = np.asarray(stats[bn_path + ("mean",)], np.float64)
+        var = np.asarray(stats[bn_path + ("var",)], np.float64)
+        gamma = np.asarray(params.get(bn_path + ("scale",), 1.0), np.float64)
+        beta = np.asarray(params.get(bn_path + ("bias",), 0.0), np.float64)
+        s = gamma / np.sqrt(var + bn.epsilon)
+        b = np.asarray(params.get(lin_path + ("bias",), 0.0), np.float64)
+        params[lin_path + ("kernel",)] = jnp.asarray(np.asarray(kernel, np.float64) * s, kernel.dtype)
+        params[lin_path + ("bias",)] = jnp.asarray((b - mean) * s + beta, kernel.dtype)
+        if not lin.use_bias:
+            biased.add(lin_path)
+        folded_bn.add(bn_path)
+        for key in [k for k in list(params) if k[: len(bn_path)] == bn_path]:
+            del params[key]
+        for key in [k for k in list(stats) if k[: len(bn_path)] == bn_path]:
+            del stats[key]
+
+    out = {k: v for k, v in unfreeze(variables).items() if k not in ("params", "batch_stats")}
+    out["params"] = traverse_util.unflatten_dict(params)
+    if stats:
+        out["batch_stats"] = traverse_util.unflatten_dict(stats)
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+        path = _path(context.module)
+        if context.method_name == "__call__" and path in folded_bn:
+            return call_args[0]
+        result = next_fun(*call_args, **call_kwargs)
+        if context.method_name == "__call__" and path in biased:
+            result = result + context.module.get_variable("params", "bias").astype(result.dtype)
+        return result
+
+    def apply(folded_variables, *a, **kw):
+        with nn.intercept_methods(interceptor):
+            return model.apply(folded_variables, *a, **kw)
+
+    names = tuple(("/".join(lp), "/".join(bp)) for lp, bp, _, _ in pairs)
+    return FoldedModel(out, apply, names)
+
+
+__all__ = ["FoldedModel", "fold_batch_norm"]

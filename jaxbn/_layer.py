@@ -1,0 +1,213 @@
+"""The layer computation shared by the linen and nnx modules (pure functions).
+
+The modules own variables; everything they compute lives here: validation,
+training-mode normalization with the optional variants (ghost batches, batch
+renormalization, adjustment), the statistics that feed the running averages,
+and inference-mode normalization.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import _checks, _ops
+from jaxbn._stats import Moments
+
+
+class Layout(NamedTuple):
+    features: tuple[int, ...]
+    red: tuple[int, ...]
+    fshape: tuple[int, ...]
+    sdtype: Any
+
+
+def layout(x, *, axis, epsilon, momentum, mask, dtype, force_float32) -> Layout:
+    """Validates a module call and returns where the features are and the stats dtype."""
+    _checks.check_momentum(momentum)
+    features, red = _ops.validate(x, None, None, axis, epsilon, mask)
+    sdtype = _checks.stats_dtype(dtype if dtype is not None else x.dtype, force_float32=force_float32)
+    return Layout(features, red, _checks.feature_shape(x.shape, features), sdtype)
+
+
+def renorm_clip(clipping: Mapping[str, float] | None) -> tuple[float, float, float]:
+    """Keras's renorm_clipping dict as (rmax, rmin, dmax); missing keys mean inf, 0, inf."""
+    clipping = dict(clipping or {})
+    unknown = set(clipping) - {"rmax", "rmin", "dmax"}
+    if unknown:
+        raise ValueError(
+            f"`renorm_clipping` keys must be among 'rmax', 'rmin', 'dmax', got {sorted(unknown)}."
+        )
+    rmax, rmin, dmax = clipping.get("rmax", math.inf), clipping.get("rmin", 0.0), clipping.get("dmax", math.inf)
+    if not (0 <= rmin <= 1 <= rmax) or dmax < 0:
+        raise ValueError(
+            f"`renorm_clipping` needs 0 <= rmin <= 1 <= rmax and dmax >= 0, got {clipping}."
+        )
+    return rmax, rmin, dmax
+
+
+def infer(x, mean, var, scale, bias, lay: Layout, epsilon, out_dtype):
+    """Inference mode: normalize with the given (running) statistics."""
+    inv = lax.rsqrt(var.astype(_checks.real_dtype(lay.sdtype)) + epsilon)
+    return _ops.apply_affine(x, mean.astype(lay.sdtype), inv, scale, bias, lay.red, out_dtype, lay.sdtype)
+
+
+class TrainOut(NamedTuple):
+    y: jax.Array
+    batch: Moments  # statistics that feed the running averages (feature shape)
+    renorm_mean: jax.Array | None  # batch mean and std for the renorm moving averages
+    renorm_std: jax.Array | None
+
+
+def _ghost_view(x, mask, lay: Layout, virtual_batch_size: int):
+    """Reshapes the leading batch axis into (ghosts, virtual_batch_size)."""
+    if lay.red[0] != 0:
+        raise ValueError("`virtual_batch_size` needs axis 0 to be a batch (reduction) axis.")
+    n = x.shape[0]
+    if virtual_batch_size <= 0 or n % virtual_batch_size:
+        raise ValueError(
+            f"`virtual_batch_size`={virtual_batch_size} must be a positive divisor of the "
+            f"batch size {n}."
+        )
+    g = n // virtual_batch_size
+    xg = x.reshape((g, virtual_batch_size) + x.shape[1:])
+    mg = None
+    if mask is not None:
+        m = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+        mg = m.reshape(xg.shape)
+    features = (0,) + tuple(f + 1 for f in lay.features)
+    red = tuple(i for i in range(xg.ndim) if i not in features)
+    return xg, mg, features, red, g
+
+
+def _ghost_reduce(mom: Moments, axis_name, groups) -> Moments:
+    """Count-weighted average over ghost batches (and devices) of their mean and variance."""
+    w = mom.count
+    sums = jnp.stack([jnp.sum(w * mom.mean, 0), jnp.sum(w * mom.var, 0), jnp.sum(w, 0)])
+    if axis_name is not None:
+        sums = lax.psum(sums, axis_name, axis_index_groups=groups)
+    inv = jnp.where(sums[2] > 0, 1 / jnp.maximum(sums[2], 1), 0).astype(sums.dtype)
+    return Moments(sums[0] * inv, sums[1] * inv, sums[2])
+
+
+def train(
+    x,
+    scale,
+    bias,
+    mask,
+    lay: Layout,
+    *,
+    epsilon: float,
+    axis_name: Any,
+    axis_index_groups: Any,
+    fast_variance: bool,
+    out_dtype: Any,
+    virtual_batch_size: int | None = None,
+    renorm: tuple[jax.Array, jax.Array] | None = None,
+    renorm_clipping: Mapping[str, float] | None = None,
+    adjustment: tuple[jax.Array, jax.Array] | None = None,
+    initializing: bool = False,
+) -> TrainOut:
+    """Training mode: normalize with batch statistics, with the optional variants.
+
+    Ghost batches (``virtual_batch_size``) normalize each sub-batch of the leading
+    axis with its own statistics; the running statistics receive their
+    count-weighted average. Under ``axis_name`` ghost batches stay per device
+    (that is their purpose); only the averages are pooled.
+
+    Batch renormalization (``renorm=(moving_mean, moving_std)``) applies
+    ``xhat * r + d`` with ``r = clip(std_B / moving_std, rmin, rmax)`` and
+    ``d = clip((mean_B - moving_mean) / moving_std, -dmax, dmax)`` held under
+    ``stop_gradient``. ``adjustment=(a, b)`` then maps the value to ``v * a + b``
+    before gamma and beta (Keras's order). ``initializing`` skips the
+    single-element check (flax initializes with whatever example it is given).
+    """
+    xk, mk, red, ghosts = x, mask, lay.red, None
+    stat_axis_name, stat_groups = axis_name, axis_index_groups
+    if virtual_batch_size is not None:
+        xk, mk, _, red, ghosts = _ghost_view(x, mask, lay, virtual_batch_size)
+        stat_axis_name = stat_groups = None
+    if not initializing:  # init may trace with a single example (flax allows it)
+        _ops.check_reducible(xk.shape, red, stat_axis_name)
+
+    plain = renorm is None and adjustment is None
+    sd = lay.sdtype
+    tile = (lambda v: v) if ghosts is None else (lambda v: jnp.broadcast_to(v, (ghosts,) + v.shape))
+    expand = (lambda v: v) if ghosts is None else (lambda v: jnp.expand_dims(v, 0))
+
+    if plain:
+        y, mom = _ops.batch_norm_impl(
+            xk,
+            None if scale is None else tile(scale),
+            None if bias is None else tile(bias),
+            mk,
+            red=red,
+            epsilon=epsilon,
+            axis_name=stat_axis_name,
+            axis_index_groups=stat_groups,
+            fast_variance=fast_variance,
+            sdtype=sd,
+            out_dtype=out_dtype,
+        )
+    else:
+        xhat, mom = _ops.batch_norm_impl(
+            xk,
+            None,
+            None,
+            mk,
+            red=red,
+            epsilon=epsilon,
+            axis_name=stat_axis_name,
+            axis_index_groups=stat_groups,
+            fast_variance=fast_variance,
+            sdtype=sd,
+            out_dtype=sd,
+        )
+        a = jnp.ones(mom.var.shape, sd)
+        b = jnp.zeros(mom.var.shape, sd)
+        if renorm is not None:
+            rmax, rmin, dmax = renorm_clip(renorm_clipping)
+            moving_mean, moving_std = (expand(v.astype(sd)) for v in renorm)
+            std_b = jnp.sqrt(mom.var + epsilon)
+            a = lax.stop_gradient(jnp.clip(std_b / moving_std, rmin, rmax)).astype(sd)
+            b = lax.stop_gradient(jnp.clip((mom.mean - moving_mean) / moving_std, -dmax, dmax)).astype(sd)
+        bshape = tuple(xk.shape[i] if i not in red else 1 for i in range(xk.ndim))
+        a, b = a.reshape(bshape), b.reshape(bshape)
+        if adjustment is not None:
+            adj_scale, adj_bias = adjustment
+            if ghosts is not None:
+                adj_scale, adj_bias = (jnp.reshape(jnp.broadcast_to(v, x.shape), xk.shape) for v in adjustment)
+            elif jnp.ndim(adj_scale) == len(lay.fshape) and jnp.shape(adj_scale) == lay.fshape:
+                adj_scale = jnp.expand_dims(adj_scale, lay.red)
+                adj_bias = jnp.expand_dims(jnp.asarray(adj_bias), lay.red)
+            a = a * jnp.asarray(adj_scale, sd)
+            b = b * jnp.asarray(adj_scale, sd) + jnp.asarray(adj_bias, sd)
+        if scale is not None:
+            s = jnp.expand_dims(expand(scale.astype(sd)), red)
+            a, b = a * s, b * s
+        if bias is not None:
+            b = b + jnp.expand_dims(expand(bias.astype(sd)), red)
+        y = (xhat * a + b).astype(out_dtype)
+
+    if ghosts is not None:
+        y = y.reshape(x.shape)
+        batch = _ghost_reduce(mom, axis_name, axis_index_groups)
+    else:
+        batch = mom
+    rmean = rstd = None
+    if renorm is not None:
+        rmean, rstd = batch.mean, jnp.sqrt(batch.var + epsilon)
+    return TrainOut(y, batch, rmean, rstd)
+
+
+def call_adjustment(adjustment: Callable, shape: tuple[int, ...], rng: jax.Array | None):
+    """Calls a Keras-style adjustment(shape) or adjustment(shape, rng)."""
+    try:
+        return adjustment(shape, rng)
+    except TypeError:
+        return adjustment(shape)

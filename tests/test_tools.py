@@ -1,0 +1,143 @@
+"""Population statistics, folding, stale-statistics checks and the weight-decay mask."""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxbn
+
+
+class InputNormMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = jaxbn.BatchNorm(use_running_average=not train)(x)
+        x = nn.Dense(5)(x)
+        x = jaxbn.BatchNorm(use_running_average=not train)(x)
+        return nn.Dense(2)(nn.relu(x))
+
+
+def _batches(k=4, n=16, d=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.normal(i, 1 + i, (n, d)), jnp.float32) for i in range(k)]
+
+
+@pytest.mark.parametrize("method", ["pooled", "average"])
+def test_recompute_batch_stats_equals_numpy_over_all_data(method):
+    model = InputNormMLP()
+    batches = _batches()
+    v = model.init(jax.random.key(0), batches[0], train=False)
+    out = jaxbn.recompute_batch_stats(model.apply, v, batches, method=method, train=True)
+    allx = np.concatenate([np.asarray(b, np.float64) for b in batches])
+    stats = out["batch_stats"]["BatchNorm_0"]
+    if method == "pooled":
+        np.testing.assert_allclose(stats["mean"], allx.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(stats["var"], allx.var(0), rtol=1e-5)
+    else:
+        np.testing.assert_allclose(stats["mean"], np.mean([np.mean(b, 0) for b in batches], 0), rtol=1e-5)
+        np.testing.assert_allclose(stats["var"], np.mean([np.var(b, 0, ddof=1) for b in batches], 0), rtol=1e-5)
+    # The second layer sees the first layer's batch-normalized output, through the frozen Dense.
+    dense = v["params"]["Dense_0"]
+    z = [np.asarray(jaxbn.batch_norm(b)[0], np.float64) @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"]) for b in batches]
+    if method == "pooled":
+        np.testing.assert_allclose(out["batch_stats"]["BatchNorm_1"]["mean"], np.concatenate(z).mean(0), rtol=1e-4, atol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, out["params"], v["params"])
+
+
+def test_recompute_batch_stats_errors():
+    model = InputNormMLP()
+    b = _batches(1)
+    v = model.init(jax.random.key(0), b[0], train=False)
+    with pytest.raises(ValueError, match="`method`"):
+        jaxbn.recompute_batch_stats(model.apply, v, b, method="median", train=True)
+    with pytest.raises(ValueError, match="training mode"):
+        jaxbn.recompute_batch_stats(model.apply, v, b, train=False)
+    with pytest.raises(ValueError, match="empty"):
+        jaxbn.recompute_batch_stats(model.apply, v, [], train=True)
+
+
+class ConvBN(nn.Module):
+    norm: type = jaxbn.BatchNorm
+    conv_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(6, (3, 3), use_bias=self.conv_bias)(x)
+        x = nn.relu(self.norm(use_running_average=not train, epsilon=1e-3)(x))
+        x = nn.max_pool(x, (2, 2), (2, 2)).reshape((x.shape[0], -1))
+        x = nn.Dense(12)(x)
+        x = nn.sigmoid(self.norm(use_running_average=not train)(x))
+        return nn.Dense(3)(x)
+
+
+@pytest.mark.parametrize("norm", [jaxbn.BatchNorm, nn.BatchNorm])
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_fold_batch_norm_matches_unfolded(norm, conv_bias):
+    model = ConvBN(norm, conv_bias)
+    x = jax.random.normal(jax.random.key(0), (8, 10, 10, 2))
+    v = model.init(jax.random.key(1), x, train=False)
+    for i in range(3):  # give the running statistics non-trivial values
+        _, upd = model.apply(v, x * (1 + i) + i, train=True, mutable=["batch_stats"])
+        v = {"params": v["params"], **upd}
+    folded = jaxbn.fold_batch_norm(model, v, x, train=False)
+    assert folded.pairs == (("Conv_0", "BatchNorm_0"), ("Dense_0", "BatchNorm_1"))
+    assert not any("BatchNorm" in k for k in folded.variables["params"])
+    assert "batch_stats" not in folded.variables
+    want = model.apply(v, x, train=False)
+    got = folded.apply(folded.variables, x, train=False)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    jaxpr = str(jax.make_jaxpr(lambda p: folded.apply(p, x, train=False))(folded.variables))
+    assert "rsqrt" not in jaxpr and "sqrt" not in jaxpr
+
+
+def test_fold_batch_norm_needs_a_pair():
+    class NoPair(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jaxbn.BatchNorm(use_running_average=True)(nn.relu(nn.Dense(3)(x)))
+
+    x = jnp.ones((2, 4))
+    v = NoPair().init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="no Dense/Conv"):
+        jaxbn.fold_batch_norm(NoPair(), v, x)
+
+
+def test_stale_statistics_check():
+    model = InputNormMLP()
+    batches = _batches()
+    v = model.init(jax.random.key(0), batches[0], train=False)
+    good = bad = v
+    for b in batches:
+        _, upd = model.apply(good, b, train=True, mutable=["batch_stats"])
+        good = {"params": v["params"], **upd}
+        # The classic bug: "training" with the training flag off never touches the statistics.
+        _, upd = model.apply(bad, b, train=False, mutable=["batch_stats"])
+        bad = {"params": v["params"], **upd}
+    assert jaxbn.find_stale_batch_stats(bad) == ["BatchNorm_0", "BatchNorm_1"]
+    assert jaxbn.find_stale_batch_stats(good) == []
+    with pytest.warns(jaxbn.StaleBatchStatsWarning, match="BatchNorm_0, BatchNorm_1"):
+        jaxbn.warn_if_stale(bad, when="export")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert jaxbn.warn_if_stale(good) == []
+
+
+def test_weight_decay_mask_spares_bn_and_biases():
+    model = ConvBN()
+    x = jnp.ones((2, 10, 10, 2))
+    params = model.init(jax.random.key(0), x, train=False)["params"]
+    mask = jaxbn.weight_decay_mask(params)
+    assert mask["Conv_0"] == {"kernel": True, "bias": False}
+    assert mask["BatchNorm_0"] == {"scale": False, "bias": False}
+    assert mask["Dense_1"] == {"kernel": True, "bias": False}
+    # With optax: zero gradients, so only weight decay moves parameters.
+    tx = optax.adamw(0.1, weight_decay=0.5, mask=jaxbn.weight_decay_mask)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    with jax.numpy_dtype_promotion("standard"):  # optax's adam mixes int and float
+        updates, _ = tx.update(zeros, tx.init(params), params)
+    assert bool(jnp.all(updates["BatchNorm_0"]["scale"] == 0))
+    assert bool(jnp.any(updates["Conv_0"]["kernel"] != 0))
