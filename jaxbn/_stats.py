@@ -55,6 +55,15 @@ def _first_element(x: jax.Array, red: tuple[int, ...]) -> jax.Array:
     return x[idx]
 
 
+def _sharded(x: jax.Array, red: tuple[int, ...]) -> bool:
+    """True when a reduction axis of x is explicitly sharded (jax's sharding-in-types)."""
+    try:
+        spec = jax.typeof(x).sharding.spec
+    except (AttributeError, TypeError):
+        return False
+    return any(i < len(spec) and spec[i] is not None for i in red)
+
+
 def local_moments(
     x: jax.Array,
     red: tuple[int, ...],
@@ -80,7 +89,7 @@ def local_moments(
         zeros = jnp.zeros(fshape, rdtype)
         return zeros, jnp.zeros(fshape, dtype), zeros
 
-    if mask is None:
+    if mask is None and not (not fast_variance and _sharded(x, red)):
         n = jnp.full(fshape, size, rdtype)
         shift = jnp.zeros((), dtype) if fast_variance else _first_element(x, red)
         d = x - shift
@@ -91,6 +100,10 @@ def local_moments(
         mean = mean_d + (shift if fast_variance else jnp.squeeze(shift, red))
         return n, mean, m2
 
+    if mask is None:
+        mean = jnp.sum(x, axis=red) / size
+        m2 = jnp.sum(abs_sq(x - jnp.expand_dims(mean, red)), axis=red)
+        return jnp.full(fshape, size, rdtype), mean, m2
     valid = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
     n = jnp.sum(valid, axis=red, dtype=rdtype)
     inv_n = jnp.where(n > 0, 1 / jnp.maximum(n, 1), 0).astype(rdtype)
