@@ -1,5 +1,6 @@
 """jaxbn: batch normalization for JAX and Flax, exact across devices and hosts."""
 
+from jaxbn import nnx as nnx
 from jaxbn._diagnostics import StaleBatchStatsWarning as StaleBatchStatsWarning
 from jaxbn._diagnostics import find_stale_batch_stats as find_stale_batch_stats
 from jaxbn._diagnostics import warn_if_stale as warn_if_stale

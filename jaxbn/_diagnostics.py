@@ -38,9 +38,9 @@ def find_stale_batch_stats(variables: Mapping[str, Any]) -> list[str]:
         layers.setdefault(path[:-1], {})[path[-1]] = value
     stale = []
     for layer, entries in sorted(layers.items()):
-        if "mean" in entries and "var" in entries:
-            if np.all(np.asarray(entries["mean"]) == 0) and np.all(np.asarray(entries["var"]) == 1):
-                stale.append("/".join(layer))
+        has_stats = "mean" in entries and "var" in entries
+        if has_stats and np.all(np.asarray(entries["mean"]) == 0) and np.all(np.asarray(entries["var"]) == 1):
+            stale.append("/".join(layer))
     return stale
 
 

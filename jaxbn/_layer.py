@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks, _ops
+from jaxbn._running import update_running_stats
 from jaxbn._stats import Moments
 
 
@@ -211,3 +212,35 @@ def call_adjustment(adjustment: Callable, shape: tuple[int, ...], rng: jax.Array
         return adjustment(shape, rng)
     except TypeError:
         return adjustment(shape)
+
+
+class RunningState(NamedTuple):
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array | None = None
+    renorm_mean: jax.Array | None = None
+    renorm_std: jax.Array | None = None
+
+
+def update_running(
+    state: RunningState,
+    out: TrainOut,
+    *,
+    momentum: float,
+    mode: str,
+    unbiased: bool,
+    renorm_momentum: float,
+) -> RunningState:
+    """Folds a training call's statistics into the running state (renorm averages included)."""
+    batch = lax.stop_gradient(out.batch)
+    mean, var, count = update_running_stats(
+        state.mean, state.var, batch, momentum=momentum, mode=mode, unbiased=unbiased, count=state.count
+    )
+    rn_mean, rn_std = state.renorm_mean, state.renorm_std
+    if rn_mean is not None:
+        seen = batch.count > 0
+        m = renorm_momentum
+        b_mean, b_std = lax.stop_gradient((out.renorm_mean, out.renorm_std))
+        rn_mean = jnp.where(seen, m * rn_mean + (1 - m) * b_mean, rn_mean)
+        rn_std = jnp.where(seen, m * rn_std + (1 - m) * b_std, rn_std)
+    return RunningState(mean, var, count, rn_mean, rn_std)

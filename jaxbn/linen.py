@@ -12,8 +12,6 @@ from flax.linen import module as flax_module
 from jax.nn import initializers
 
 from jaxbn import _checks, _layer
-from jaxbn._running import update_running_stats
-
 
 #: Collection into which training-mode calls record their batch Moments when it is
 #: mutable (used by :func:`jaxbn.recompute_batch_stats`).
@@ -209,21 +207,23 @@ class BatchNorm(nn.Module):
             self.sow(MOMENTS_COLLECTION, "moments", out.batch, reduce_fn=lambda _, new: new)
         if not self.is_mutable_collection("batch_stats"):
             raise _immutable_error("/".join(("",) + tuple(self.scope.path)))
-        mean, var, count = update_running_stats(
-            ra_mean.value,
-            ra_var.value,
-            out.batch,
+        new = _layer.update_running(
+            _layer.RunningState(
+                ra_mean.value,
+                ra_var.value,
+                None if ra_count is None else ra_count.value,
+                rn_mean.value if self.renorm else None,
+                rn_std.value if self.renorm else None,
+            ),
+            out,
             momentum=self.momentum,
             mode=self.running_average,
             unbiased=self.unbiased_running_var,
-            count=None if ra_count is None else ra_count.value,
+            renorm_momentum=self.renorm_momentum,
         )
-        ra_mean.value, ra_var.value = mean, var
+        ra_mean.value, ra_var.value = new.mean, new.var
         if ra_count is not None:
-            ra_count.value = count
+            ra_count.value = new.count
         if self.renorm:
-            seen = out.batch.count > 0
-            m = self.renorm_momentum
-            rn_mean.value = jnp.where(seen, m * rn_mean.value + (1 - m) * out.renorm_mean, rn_mean.value)
-            rn_std.value = jnp.where(seen, m * rn_std.value + (1 - m) * out.renorm_std, rn_std.value)
+            rn_mean.value, rn_std.value = new.renorm_mean, new.renorm_std
         return out.y

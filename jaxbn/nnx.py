@@ -14,7 +14,6 @@ from flax.nnx.module import first_from
 from jax.nn import initializers
 
 from jaxbn import _checks, _layer
-from jaxbn._running import update_running_stats
 
 _STATS_DTYPE = jnp.float32  # as flax.nnx.BatchNorm: running statistics are float32
 
@@ -38,8 +37,11 @@ def _feature_shape(num_features: Any) -> tuple[int, ...]:
 
 def _check_axis(axis: Any, fshape: tuple[int, ...]) -> tuple[int, ...]:
     """Construction-time axis checks (the range is checked against the input rank at call time)."""
-    raw = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis) if isinstance(axis, (tuple, list)) else None
-    if raw is None or not raw or not all(isinstance(a, numbers.Integral) for a in raw):
+    if isinstance(axis, numbers.Integral):
+        raw = (axis,)
+    else:
+        raw = tuple(axis) if isinstance(axis, (tuple, list)) else ()
+    if not raw or not all(isinstance(a, numbers.Integral) for a in raw):
         raise ValueError(f"`axis` must be an int or a non-empty tuple of ints, got {axis!r}.")
     if len(set(raw)) != len(raw):
         raise ValueError(f"`axis`={axis!r} names the same axis more than once.")
@@ -88,8 +90,11 @@ class BatchNorm(nnx.Module):
       promotes half-precision outputs to float32 through the float32 running
       statistics. Pass ``promote_dtype=flax.nnx.nn.dtypes.promote_dtype`` for
       nnx's behaviour.
-    * ``num_features`` may be a tuple, one size per axis of a tuple ``axis``.
-    * The running statistics are written under ``stop_gradient``.
+
+    Also: ``num_features`` may be a tuple, one size per axis of a tuple
+    ``axis``; the running statistics are always written under
+    ``stop_gradient``; the call raises a ValueError naming ``num_features`` when
+    the input's feature shape does not match.
 
     Extra options (the same as :class:`jaxbn.BatchNorm`) are off by default and
     add attributes only when enabled.
@@ -316,25 +321,25 @@ class BatchNorm(nnx.Module):
             renorm_clipping=self.renorm_clipping,
             adjustment=adjustment,
         )
-        batch = jax.lax.stop_gradient(out.batch)
-        new_mean, new_var, new_count = update_running_stats(
-            self.mean[...],
-            self.var[...],
-            batch,
+        new = _layer.update_running(
+            _layer.RunningState(
+                self.mean[...],
+                self.var[...],
+                None if self.count is None else self.count[...],
+                self.renorm_mean[...] if self.renorm else None,
+                self.renorm_std[...] if self.renorm else None,
+            ),
+            out,
             momentum=self.momentum,
             mode=self.running_average,
             unbiased=self.unbiased_running_var,
-            count=None if self.count is None else self.count[...],
+            renorm_momentum=self.renorm_momentum,
         )
-        self.mean[...], self.var[...] = new_mean, new_var
+        self.mean[...], self.var[...] = new.mean, new.var
         if self.count is not None:
-            self.count[...] = new_count
+            self.count[...] = new.count
         if self.renorm:
-            seen = batch.count > 0
-            m = self.renorm_momentum
-            rn_mean, rn_std = jax.lax.stop_gradient((out.renorm_mean, out.renorm_std))
-            self.renorm_mean[...] = jnp.where(seen, m * self.renorm_mean[...] + (1 - m) * rn_mean, self.renorm_mean[...])
-            self.renorm_std[...] = jnp.where(seen, m * self.renorm_std[...] + (1 - m) * rn_std, self.renorm_std[...])
+            self.renorm_mean[...], self.renorm_std[...] = new.renorm_mean, new.renorm_std
         return out.y
 
     def set_view(self, use_running_average: bool | None = None):
