@@ -20,9 +20,21 @@ which simplifies to::
     dx = gamma*s * (dy - sum(dy)/m - xhat * sum(dy*xhat)/m) + g_mu/m + 2 g_var (x - mu)/m
 
 Only two reductions over the batch remain (sum(dy) and sum(dy*xhat), which are
-also dbeta and dgamma), done in one pass; under ``axis_name`` they and the
-statistic cotangents are summed across devices in one ``psum``. dgamma and
-dbeta stay per-device, like the gradient of any replicated parameter.
+also dbeta and dgamma); under ``axis_name`` they and the statistic cotangents
+are summed across devices in one ``psum``. dgamma and dbeta stay per-device,
+like the gradient of any replicated parameter.
+
+Memory traffic (the kernels are memory-bound). A training step reads x for the
+statistics, reads x and writes y, reads dy and x for the backward reductions,
+and reads dy and x again to write dx. The compiled program makes exactly these
+kernels and no full-size temporary: two reductions of x (sum(x-K) and
+sum((x-K)^2), see ``jaxbn._stats.local_moments``), y, the reductions sum(dy)
+and sum(dy*(x-mu)), and dx, i.e. 10 tensor-sized reads and writes against the
+8 of a single-pass ideal (XLA:CPU gives every reduction its own kernel). Only
+x and per-feature vectors are kept for the backward. Reductions see the input
+through ``jaxbn._stats.View`` (a free reshape to a matrix with rows at least 64
+wide), which makes them several times faster over few channels; elementwise
+work keeps the input's layout.
 """
 
 from __future__ import annotations
@@ -36,7 +48,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks
-from jaxbn._stats import Moments, compute_moments
+from jaxbn._stats import Moments, compute_moments, view
 
 
 def _expand(v: jax.Array | None, red: tuple[int, ...]) -> jax.Array | None:
@@ -44,7 +56,12 @@ def _expand(v: jax.Array | None, red: tuple[int, ...]) -> jax.Array | None:
 
 
 def apply_affine(x, mean, inv, scale, bias, red, out_dtype, sdtype):
-    """y = (x - mean) * inv * scale + bias computed in ``sdtype``, returned in ``out_dtype``."""
+    """y = (x - mean) * inv * scale + bias computed in ``sdtype``, returned in ``out_dtype``.
+
+    Elementwise work stays in the input's own layout: per-feature vectors
+    broadcast along trailing axes fuse into neighbouring elementwise ops (an
+    activation, say) as cheaply as a bias. Only reductions use the 2-D View.
+    """
     mul = inv if scale is None else inv * scale.astype(sdtype)
     y = (x.astype(sdtype) - _expand(mean, red)) * _expand(mul, red)
     if bias is not None:
@@ -147,42 +164,88 @@ def _batch_norm_fwd(cfg: _Config, x, scale, bias, mask):
 def _batch_norm_bwd(cfg: _Config, res, cts):
     x, scale, bias, mask, mean, inv, count = res
     dy, dmom = cts
-    red, sd = cfg.red, cfg.sdtype
-    xc = x.astype(sd) - _expand(mean, red)
-    xhat = xc * _expand(inv, red)
-    dyf = dy.astype(sd)
+    sd = cfg.sdtype
+    # Work on the View of x (a free reshape; see jaxbn._stats.view).
+    v = view(x, cfg.red)
+    xv = v.of(x).astype(sd)
+    dyf = v.of(dy).astype(sd)
     if mask is not None:
-        valid = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+        valid = v.of(jnp.broadcast_to(jnp.asarray(mask, bool), x.shape))
         dyf = jnp.where(valid, dyf, 0)
-        xhat = jnp.where(valid, xhat, 0)
-    # The two reductions of the backward pass, fused into one read of (dy, x).
-    sum_dy = jnp.sum(dyf, axis=red)
-    sum_dy_xhat = jnp.sum(dyf * xhat, axis=red)
+    # The two reductions of the backward pass: sum(dy) reads dy, sum(dy*(x-mu))
+    # reads dy and x. ``x + (-mu)`` keeps its broadcast apart from the ``x - mu``
+    # of dx below, so XLA fuses each into its consumer instead of materializing
+    # a full-size x - mu (see local_moments).
+    prod = dyf * (xv + v.bcast(-mean))
+    if mask is not None:
+        prod = jnp.where(valid, prod, 0)
+    sum_dy = v.fold_sum(jnp.sum(dyf, axis=v.red))
+    sum_dy_xhat = v.fold_sum(jnp.sum(prod, axis=v.red)) * inv
     g_mean = dmom.mean.astype(sd)
     g_var = dmom.var.astype(inv.dtype)
+    # Under a typed shard_map (check_vma=True) the returned statistics are
+    # invariant over ``axis_name``, so their cotangents already are totals; in
+    # pmap/vmap or untyped code each device holds its own share and they are summed.
+    typed = bool(_varying(x))
     if cfg.axis_name is not None:
-        tot = lax.psum(
-            jnp.stack([sum_dy, sum_dy_xhat, g_mean, g_var.astype(sd)]),
-            cfg.axis_name,
-            axis_index_groups=cfg.axis_index_groups,
-        )
-        tot_dy, tot_dy_xhat, g_mean, g_var = tot[0], tot[1], tot[2], tot[3]
+        parts = [sum_dy, sum_dy_xhat] + ([] if typed else [g_mean, g_var.astype(sd)])
+        tot = lax.psum(jnp.stack(parts), cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
+        tot_dy, tot_dy_xhat = tot[0], tot[1]
+        if not typed:
+            g_mean, g_var = tot[2], tot[3].astype(g_var.dtype)
     else:
         tot_dy, tot_dy_xhat = sum_dy, sum_dy_xhat
     inv_m = jnp.where(count > 0, 1 / jnp.maximum(count, 1), 0).astype(count.dtype)
     a = inv if scale is None else inv * scale.astype(sd)  # gamma * s
     b = g_mean * inv_m - a * tot_dy * inv_m
     c = 2 * g_var * inv_m - a * tot_dy_xhat * inv_m * inv
-    # dx = a*dy + b + c*(x - mu); masked positions get zero gradient.
-    dx = _expand(a, red) * dyf + _expand(b, red) + _expand(c, red) * xc
+    # dx = a*dy + b + c*(x - mu), in the input's layout (see apply_affine);
+    # masked positions get zero gradient.
+    red = cfg.red
+    dyn = dy.astype(sd)
+    dx = _expand(a, red) * dyn + _expand(b, red) + _expand(c, red) * (x.astype(sd) - _expand(mean, red))
     if mask is not None:
-        dx = jnp.where(valid, dx, 0)
-    dscale = None if scale is None else sum_dy_xhat.astype(scale.dtype)
-    dbias = None if bias is None else sum_dy.astype(bias.dtype)
+        dx = jnp.where(jnp.asarray(mask, bool), dx, 0)
+    dscale = _param_grad(sum_dy_xhat, tot_dy_xhat, scale, cfg.axis_name, typed)
+    dbias = _param_grad(sum_dy, tot_dy, bias, cfg.axis_name, typed)
     return dx.astype(x.dtype), dscale, dbias, None
 
 
+def _varying(t) -> frozenset:
+    """The manual mesh axes ``t`` varies over (empty outside a typed shard_map)."""
+    try:
+        return frozenset(jax.typeof(t).manual_axis_type.varying)
+    except AttributeError:
+        return frozenset()
+
+
+def _param_grad(local, total, param, axis_name, typed):
+    """Cotangent of scale or bias: per device, like any replicated parameter's.
+
+    In a typed shard_map a parameter that is invariant over a mesh axis needs a
+    cotangent of the same type, i.e. summed over that axis: the total already
+    reduced over ``axis_name`` is reused, and any other axis the batch varies over
+    is summed here.
+    """
+    if param is None:
+        return None
+    d = local
+    if typed:
+        names = set(axis_name) if isinstance(axis_name, tuple) else {axis_name}
+        if axis_name is not None and names <= _varying(local) - _varying(param):
+            d = total
+        left = _varying(d) - _varying(param)
+        if left:
+            d = lax.psum(d, tuple(sorted(left)))
+    return d.astype(param.dtype)
+
+
 _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+# Called outside jit (eager code, ``Module.init``), the kernel would run op by op,
+# compiling and dispatching a few dozen tiny programs; as one jitted program it
+# compiles once per configuration. Inside jit this is inlined and costs nothing.
+_batch_norm_jit = jax.jit(_batch_norm, static_argnums=(0,))
 
 
 def batch_norm(
@@ -230,7 +293,7 @@ def batch_norm(
       ValueError: if each feature would reduce over a single element (variance
         undefined) on a single device, or on any invalid argument.
     """
-    features, red = validate(x, scale, bias, axis, epsilon, mask)
+    _, red = validate(x, scale, bias, axis, epsilon, mask)
     check_reducible(x.shape, red, axis_name)
     sdtype = _checks.stats_dtype(x.dtype) if stats_dtype is None else stats_dtype
     return batch_norm_impl(
@@ -264,7 +327,7 @@ def batch_norm_impl(
     if jnp.iscomplexobj(x):
         y, mom, _ = _forward(cfg, x, scale, bias, mask)
         return y, mom
-    return _batch_norm(cfg, x, scale, bias, mask)
+    return _batch_norm_jit(cfg, x, scale, bias, mask)
 
 
 def _freeze(groups):
