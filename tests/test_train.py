@@ -1,0 +1,504 @@
+"""Tests of the training package: configs, models, loop, CLI, resume, data parallelism.
+
+Everything trains on tiny synthetic data (a few hundred examples); nothing
+downloads MNIST. The process has 8 virtual CPU devices (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbn
+from train import compare, config_base, inputs, loop, models
+from train.config_base import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+CONFIG_NAMES = ("lenet_bn", "lenet_nobn", "mlp_bn", "mlp_nobn", "lenet_bn_best", "lenet_bn_dp")
+
+# A shrunk experiment: 320 synthetic examples (256 train / 64 validation), 64 test.
+TINY = {
+    "dataset": "synthetic",
+    "num_train_examples": 320,
+    "num_test_examples": 64,
+    "batch_size": 32,
+    "num_epochs": 1,
+    "steps_per_dispatch": 2,
+    "eval_batch_size": 64,
+    "bn_momentum": 0.9,
+    "progress_bar": False,
+}
+TIMEOUT_S = 240
+
+
+def load(name: str, **overrides):
+    config = config_base.load_config_file(str(CONFIGS / f"{name}.py"))
+    for key, value in {**TINY, **overrides}.items():
+        config[key] = value
+    return config
+
+
+def cli_overrides(**overrides) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items()]
+
+
+def deterministic(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in loop.TIMING_KEYS}
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], timeout: float = TIMEOUT_S, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "train", *args], cwd=ROOT, env=subprocess_env(**env),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def read_event_tags(tb_dir: Path) -> set[str]:
+    """Scalar tags in the TensorBoard event files of `tb_dir` (TFRecord framing)."""
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in tb_dir.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            tags.update(v.tag for v in event.summary.value)
+            pos += 12 + length + 4
+    return tags
+
+
+def params_and_stats(state: loop.TrainState) -> dict:
+    host = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    return jax.tree.map(np.asarray, host)
+
+
+def assert_trees_close(a, b, rtol: float, atol: float) -> None:
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+# --------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_config_files_are_valid(name):
+    config = config_base.load_config_file(str(CONFIGS / f"{name}.py"))
+    config_base.validate_config(config)
+    assert config.dataset == "mnist" and config.validation_fraction == 0.2
+
+
+def test_lenet_bn_is_the_classic_recipe():
+    c = config_base.load_config_file(str(CONFIGS / "lenet_bn.py"))
+    assert (c.model, c.norm, c.activation) == ("lenet", "jaxbn", "sigmoid")
+    assert tuple(c.conv_features) == (6, 16) and c.conv_kernel == 5
+    assert tuple(c.dense_features) == (120, 84)
+    assert (c.optimizer, c.learning_rate, c.batch_size, c.num_epochs) == ("rmsprop", 1e-3, 64, 5)
+    assert (c.bn_momentum, c.bn_epsilon) == (0.99, 1e-3)
+    assert not c.data_parallel
+
+
+@pytest.mark.parametrize(
+    "name, reference, differences",
+    [
+        ("lenet_nobn", "lenet_bn", {"norm": "none"}),
+        ("mlp_nobn", "mlp_bn", {"norm": "none"}),
+        ("lenet_bn_dp", "lenet_bn", {"data_parallel": True}),
+    ],
+)
+def test_config_pairs_differ_only_where_intended(name, reference, differences):
+    a = config_base.to_dict(config_base.load_config_file(str(CONFIGS / f"{name}.py")))
+    b = config_base.to_dict(config_base.load_config_file(str(CONFIGS / f"{reference}.py")))
+    assert {k: v for k, v in a.items() if v != b[k]} == differences
+
+
+def test_mlp_configs_match_the_published_recipe():
+    for name in ("mlp_bn", "mlp_nobn"):
+        c = config_base.load_config_file(str(CONFIGS / f"{name}.py"))
+        assert (c.model, c.activation, tuple(c.dense_features)) == ("mlp", "relu", (32, 32))
+        assert (c.optimizer, c.learning_rate, c.batch_size, c.num_epochs) == ("adam", 0.01, 32, 10)
+
+
+def test_apply_overrides_parses_by_type():
+    c = config_base.base_config()
+    config_base.apply_overrides(
+        c, ["batch_size=8", "learning_rate=0.5", "conv_features=(3,4)", "checkpoint=false",
+            "data_dir=none", "norm=flax"])
+    assert (c.batch_size, c.learning_rate, c.conv_features) == (8, 0.5, (3, 4))
+    assert (c.checkpoint, c.data_dir, c.norm) == (False, None, "flax")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"batch_size": -1}, "config.batch_size=-1: expected an integer >= 1"),
+        ({"batch_size": 0}, "config.batch_size=0"),
+        ({"num_epochs": 0}, "config.num_epochs=0"),
+        ({"batch_size": 300}, "larger than the 256 training examples"),
+        ({"batch_size": "64"}, "config.batch_size='64' has type str; expected int"),
+        ({"checkpoint": 1}, "config.checkpoint=1 has type int; expected bool"),
+        ({"learning_rate": -0.1}, "config.learning_rate=-0.1"),
+        ({"norm": "layer"}, "expected one of ['jaxbn', 'flax', 'none']"),
+        ({"validation_fraction": 1.0}, "config.validation_fraction=1.0"),
+        ({"conv_features": (6, 16, 32, 64), "conv_padding": "VALID"}, "shrinks to nothing"),
+        ({"data_parallel": True, "batch_size": 36}, "does not split evenly over 8 devices"),
+    ],
+)
+def test_bad_config_values_fail_before_loading_or_training(tmp_path, overrides, message):
+    # "mnist" from an empty IDX directory: loading data would fail differently.
+    config = load("lenet_bn", dataset="mnist", data_source="idx", data_dir=str(tmp_path / "none"),
+                  num_train_examples=320).to_dict()
+    config.update(overrides)  # a plain dict, so that wrong types get through to the check
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError) as info:
+        loop.train_and_evaluate(config, str(workdir))
+    assert message in str(info.value)
+    assert not workdir.exists()
+
+
+def test_unknown_key_lists_the_valid_keys(tmp_path):
+    config = load("lenet_bn").to_dict()
+    config["batchsize"] = 32
+    with pytest.raises(ConfigError) as info:
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+    text = str(info.value)
+    assert "unknown config key 'batchsize'" in text and "did you mean 'batch_size'" in text
+    for key in ("batch_size", "learning_rate", "norm", "data_parallel"):
+        assert f"\n  {key} " in text
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--config.batchsize=3", ["unknown config key 'batchsize'", "did you mean 'batch_size'",
+                                  "Valid keys:", "  learning_rate"]),
+        ("--config.batch_size=abc", ["--config.batch_size=abc: expected int", "Valid keys:"]),
+        ("--config.batch_size=-4", ["config.batch_size=-4: expected an integer >= 1"]),
+    ],
+)
+def test_cli_rejects_bad_overrides(tmp_path, override, expected):
+    proc = run_cli(["--config", "configs/lenet_bn.py", "--workdir", str(tmp_path / "w"), override],
+                   timeout=120)
+    assert proc.returncode != 0
+    for text in expected:
+        assert text in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_chunk_plan_covers_the_epoch():
+    assert loop.chunk_plan(750, 10) == [10] * 75
+    assert loop.chunk_plan(12, 10) == [6, 6]
+    assert loop.chunk_plan(4, 10) == [4]
+    assert loop.chunk_plan(23, 10) == [10, 10, 3]
+    for steps in range(1, 60):
+        for target in range(1, 12):
+            plan = loop.chunk_plan(steps, target)
+            assert sum(plan) == steps and max(plan) <= target and len(set(plan)) <= 2
+
+
+# --------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------
+
+
+def _variables(config):
+    model = models.create_model(config)
+    return jax.device_get(model.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), train=False))
+
+
+def test_lenet_has_the_classic_shapes():
+    variables = _variables(config_base.load_config_file(str(CONFIGS / "lenet_bn.py")))
+    shapes = jax.tree.map(np.shape, variables["params"])
+    assert shapes["conv0"] == {"kernel": (5, 5, 1, 6)}
+    assert shapes["conv1"] == {"kernel": (5, 5, 6, 16)}
+    assert shapes["dense0"] == {"kernel": (256, 120)}
+    assert shapes["dense1"] == {"kernel": (120, 84)}
+    assert shapes["logits"] == {"kernel": (84, 10), "bias": (10,)}
+    stats = jax.tree.map(np.shape, variables["batch_stats"])
+    assert stats == {
+        "bn_conv0": {"mean": (6,), "var": (6,)}, "bn_conv1": {"mean": (16,), "var": (16,)},
+        "bn_dense0": {"mean": (120,), "var": (120,)}, "bn_dense1": {"mean": (84,), "var": (84,)},
+    }
+
+
+def test_mlp_shapes_and_no_bn_variant():
+    bn = _variables(config_base.load_config_file(str(CONFIGS / "mlp_bn.py")))
+    nobn = _variables(config_base.load_config_file(str(CONFIGS / "mlp_nobn.py")))
+    assert jax.tree.map(np.shape, bn["params"]["dense0"]) == {"kernel": (784, 32)}
+    assert jax.tree.map(np.shape, nobn["params"]["dense0"]) == {"kernel": (784, 32), "bias": (32,)}
+    assert set(bn["batch_stats"]) == {"bn_dense0", "bn_dense1"}
+    assert "batch_stats" not in nobn
+
+
+def test_jaxbn_and_flax_norms_are_interchangeable():
+    c = config_base.load_config_file(str(CONFIGS / "lenet_bn.py"))
+    c.norm = "flax"
+    flax_vars = _variables(c)
+    c.norm = "jaxbn"
+    jaxbn_vars = _variables(c)
+    assert jax.tree.structure(flax_vars) == jax.tree.structure(jaxbn_vars)
+    x = inputs.to_float(jnp.asarray(inputs.synthetic_mnist(8, 0).train_images), "unit")
+    outs = {}
+    for norm in ("jaxbn", "flax"):
+        c.norm = norm
+        model = models.create_model(c)
+        logits, _ = model.apply(jaxbn_vars, x, train=True, mutable=["batch_stats"])
+        outs[norm] = logits
+    np.testing.assert_allclose(outs["jaxbn"], outs["flax"], rtol=1e-4, atol=1e-5)
+
+
+def test_evaluation_mode_uses_running_statistics():
+    c = config_base.load_config_file(str(CONFIGS / "lenet_bn.py"))
+    model = models.create_model(c)
+    variables = _variables(c)
+    variables = {
+        "params": variables["params"],
+        "batch_stats": jax.tree.map(lambda v: v + 0.3, variables["batch_stats"]),
+    }
+    x = inputs.to_float(jnp.asarray(inputs.synthetic_mnist(16, 0).train_images), "unit")
+    full = model.apply(variables, x, train=False)
+    alone = model.apply(variables, x[:1], train=False)
+    np.testing.assert_allclose(full[:1], alone, rtol=1e-5, atol=1e-6)  # no batch statistics
+    train_logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert not np.allclose(full, train_logits, atol=1e-3)
+
+
+def test_population_statistics_replace_the_moving_averages():
+    import flax.linen as nn
+
+
+    # One population batch holding the whole training split: the statistics of
+    # the first BN layer must be the moments of the first conv over that split.
+    config = load("lenet_bn", batch_size=256, precise_bn_batches=1)
+    run, state = loop.prepare(config)
+    params = jax.device_get(state.params)
+    state = run.programs.population(state, run.arrays["train_images"])
+    x = inputs.to_float(run.arrays["train_images"], "unit")
+    h = nn.Conv(6, (5, 5), padding="VALID", use_bias=False).apply({"params": params["conv0"]}, x)
+    expected = jaxbn.moments(h, axis=-1)
+    got = jax.device_get(state.batch_stats["bn_conv0"])
+    np.testing.assert_allclose(got["mean"], expected.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["var"], expected.var, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(jax.device_get(state.batch_stats["bn_dense0"]["var"]), 1.0)
+
+
+# --------------------------------------------------------------------------
+# Training end to end
+# --------------------------------------------------------------------------
+
+
+def test_cli_trains_end_to_end(tmp_path):
+    workdir = tmp_path / "run"
+    proc = run_cli(["--config", "configs/lenet_bn.py", "--workdir", str(workdir), *cli_overrides()])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert metrics["epochs"] == 1 and metrics["steps"] == 8
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("epoch") for r in lines[:-1]] == [1]
+    assert lines[-1]["final"] and lines[-1]["test_accuracy"] == metrics["test_accuracy"]
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_time_s"):
+        assert np.isfinite(lines[0][key])
+    tags = read_event_tags(workdir / "tb")
+    assert {"train/loss", "train/accuracy", "epoch/val_accuracy", "test/accuracy"} <= tags
+    assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (workdir / "checkpoints" / "1").is_dir()
+    assert json.loads((workdir / "config.json").read_text())["dataset"] == "synthetic"
+
+
+def test_training_learns_and_is_deterministic(tmp_path):
+    config = load("mlp_bn", num_epochs=3, num_train_examples=640)
+    a = loop.train(config, str(tmp_path / "a"))
+    b = loop.train(config, str(tmp_path / "b"))
+    assert deterministic(a.metrics) == deterministic(b.metrics)
+    assert_trees_close(params_and_stats(a.state), params_and_stats(b.state), rtol=0, atol=0)
+    assert a.metrics["val_accuracy"] > 0.5 and a.metrics["test_accuracy"] > 0.5  # 10 classes
+    assert a.history[-1]["train_loss"] < a.history[0]["train_loss"]
+
+
+def test_trainer_warns_when_running_statistics_never_change(tmp_path):
+    # bn_momentum=1 keeps the moving averages at their initial values (a typo
+    # for 0.99, say); without precise BN the trainer would evaluate with mean 0,
+    # var 1 and must say so before evaluating.
+    config = load("mlp_bn", num_train_examples=320, bn_momentum=1.0, precise_bn_batches=0)
+    with pytest.warns(jaxbn.StaleBatchStatsWarning, match="bn_dense0"):
+        loop.train(config, str(tmp_path / "stale"))
+    fine = load("mlp_bn", num_train_examples=320, precise_bn_batches=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jaxbn.StaleBatchStatsWarning)
+        loop.train(fine, str(tmp_path / "fine"))
+
+
+def test_restart_after_completion_restores_instead_of_training(tmp_path):
+    config = load("mlp_bn", num_epochs=2)
+    first = loop.train(config, str(tmp_path))
+    again = loop.train(config, str(tmp_path))
+    assert deterministic(again.metrics) == deterministic(first.metrics)
+    assert again.history == first.history
+    config.num_epochs = 3  # allowed to change: trains one more epoch
+    more = loop.train(config, str(tmp_path))
+    assert [r["epoch"] for r in more.history] == [1, 2, 3] and more.history[:2] == first.history
+    config.batch_size = 16
+    with pytest.raises(ConfigError, match="batch_size: 32 -> 16"):
+        loop.train(config, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+    epochs = 12
+    reference = loop.train_and_evaluate(load("mlp_bn", num_epochs=epochs), str(tmp_path / "ref"))
+
+    workdir = tmp_path / "killed"
+    args = ["--config", "configs/mlp_bn.py", "--workdir", str(workdir),
+            *cli_overrides(num_epochs=epochs)]
+    proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = workdir / "checkpoints" / "1"
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not first.is_dir():
+            assert proc.poll() is None, "training exited before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert done and done[-1] < epochs, f"the run was not interrupted: {done}"
+
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from the checkpoint of epoch {done[-1]}" in resumed.stdout
+    metrics = json.loads(resumed.stdout[resumed.stdout.index("{"):])
+    assert deterministic(metrics) == deterministic(reference)
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines[:-1]] == list(range(1, epochs + 1))
+
+
+def test_compare_trains_configs_on_the_same_data(tmp_path):
+    overrides = [f"{k}={v}" for k, v in TINY.items()] + ["num_epochs=2"]
+    paths = [str(CONFIGS / "mlp_bn.py"), str(CONFIGS / "mlp_nobn.py")]
+    results = compare.compare(paths, str(tmp_path), overrides)
+    assert set(results) == {"mlp_bn", "mlp_nobn"}
+    table = (tmp_path / "comparison.md").read_text()
+    assert table.count("\n| mlp_") == 2 and "97.13%" in table and "94.49%" in table
+    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    histories = {n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+                 for n in results}
+    assert all(len(h) == 3 for h in histories.values())  # 2 epochs + final
+
+
+def test_compare_rejects_configs_on_different_data(tmp_path):
+    other = tmp_path / "other.py"
+    other.write_text(
+        "from train.config_base import base_config\n\n\ndef get_config():\n"
+        "    config = base_config()\n    config.validation_fraction = 0.1\n    return config\n")
+    paths = [str(CONFIGS / "mlp_bn.py"), str(other)]
+    with pytest.raises(ConfigError, match="differ in validation_fraction"):
+        compare.load_configs(paths, [])
+    configs = compare.load_configs(paths, ["validation_fraction=0.2", "seed=3"])
+    assert [c.seed for c in configs] == [3, 3]
+
+
+# --------------------------------------------------------------------------
+# Data parallelism
+# --------------------------------------------------------------------------
+
+
+# The recipe's RMSprop (epsilon 1e-7 outside the square root) turns rounding-order
+# differences in near-zero gradients into steps of up to ~learning_rate, so exact
+# agreement is checked with SGD (rounding-sized differences stay rounding-sized)
+# and the recipe's own optimizer with a tolerance of a fraction of one step.
+DP_CASES = [
+    pytest.param({"optimizer": "sgd", "learning_rate": 0.1}, 1e-5, 1e-6, id="sgd"),
+    pytest.param({}, 0.0, 5e-4, id="rmsprop"),
+]
+
+
+@pytest.mark.parametrize("optimizer, rtol, atol", DP_CASES)
+def test_data_parallel_on_8_devices_matches_one_device(tmp_path, optimizer, rtol, atol):
+    assert jax.device_count() == 8
+    # 8 steps of a global batch of 64: 8 examples per device.
+    overrides = dict(num_train_examples=640, batch_size=64, **optimizer)
+    single = loop.train(load("lenet_bn", **overrides), str(tmp_path / "single"))
+    parallel = loop.train(load("lenet_bn_dp", **overrides), str(tmp_path / "dp"))
+    assert parallel.metrics["num_devices"] == 8 and single.metrics["num_devices"] == 1
+    assert parallel.history[-1]["replica_divergence"] == 0.0
+    assert_trees_close(params_and_stats(parallel.state), params_and_stats(single.state),
+                       rtol=rtol, atol=atol)
+    config = load("lenet_bn", **overrides)
+    init = loop.init_state(models.create_model(config), loop.make_optimizer(config, 8), config.seed)
+    trained = params_and_stats(single.state)["params"]
+    moved = max(np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(trained),
+                                                       jax.tree.leaves(init.params)))
+    assert moved > 10 * atol  # the comparison is not between barely trained models
+    for key in ("train_loss", "val_loss", "test_loss"):
+        np.testing.assert_allclose(parallel.metrics[key], single.metrics[key], rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_8_devices(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # SGD: see DP_CASES. Each process holds 4 of the 8 devices, collectives over gloo.
+    overrides = dict(num_train_examples=640, batch_size=64, optimizer="sgd", learning_rate=0.1)
+    workdir = tmp_path / "multi"
+    args = ["--config", "configs/lenet_bn_dp.py", "--workdir", str(workdir),
+            *cli_overrides(**overrides)]
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT,
+                         env=subprocess_env(**env, JAX_PROCESS_ID=str(i)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=TIMEOUT_S))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    metrics = json.loads(outs[0][0][outs[0][0].index("{"):])
+    assert metrics["num_processes"] == 2 and metrics["num_devices"] == 8
+
+    reference = loop.train(load("lenet_bn_dp", **overrides), str(tmp_path / "one"))
+    restored = loop.restore_state(str(workdir), reference.state)
+    assert_trees_close(params_and_stats(restored), params_and_stats(reference.state),
+                       rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["test_loss"], reference.metrics["test_loss"], rtol=1e-5)
