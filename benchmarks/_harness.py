@@ -1,0 +1,246 @@
+"""Measurement machinery shared by the benchmark scripts (no contender lives here).
+
+* :func:`interleave` times several zero-argument callables in rounds, each round
+  calling every contender once in a rotating order, so that slow drifts of the
+  machine (other processes, frequency changes) hit all contenders alike.
+* :func:`copy_bandwidth` measures the copy bandwidth that defines the memory floor.
+* :func:`hlo_traffic` and :func:`count_collectives` read a compiled XLA program.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def block(out: Any) -> Any:
+    """Waits for every array in ``out`` (JAX arrays block; others pass)."""
+    import jax
+
+    return jax.block_until_ready(out)
+
+
+def interleave(
+    fns: Mapping[str, Callable[[], Any]],
+    *,
+    warmup: int = 2,
+    min_rounds: int = 5,
+    max_rounds: int = 200,
+    budget_s: float = 2.0,
+) -> dict[str, list[float]]:
+    """Times each callable (seconds per call) in interleaved rounds.
+
+    Every callable must itself wait for its result (``block_until_ready``).
+    After ``warmup`` untimed calls each, rounds run until ``budget_s`` has been
+    spent (at least ``min_rounds``, at most ``max_rounds``). Round ``r`` visits
+    the contenders starting at index ``r % n``.
+
+    Returns:
+      name -> list of per-call times in seconds.
+    """
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    r = 0
+    while r < max_rounds and (r < min_rounds or time.perf_counter() - start < budget_s):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+        r += 1
+    return times
+
+
+def page_faults_per_call(fn: Callable[[], Any], calls: int = 5) -> float:
+    """Minor page faults of this process per call of ``fn`` (fresh memory being touched)."""
+    import resource
+
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
+def kernel_signature(hlo_text: str) -> list[str]:
+    """The entry computation's kernels and fused computations with names and metadata removed.
+
+    Two programs with equal signatures run the same kernels doing the same arithmetic.
+    """
+    text = re.sub(r", metadata=\{[^}]*\}", "", hlo_text)
+    text = re.sub(r"%[\w.-]+", "%_", text)
+    text = re.sub(r"(stack_frame_id|op_name)=\S+", "", text)
+    blocks = [b.strip() for b in re.split(r"\n\s*\n", text) if b.strip().startswith(("%_", "ENTRY"))]
+    return sorted(re.sub(r"\s+", " ", b) for b in blocks)
+
+
+def median_us(ts: Sequence[float]) -> float:
+    return statistics.median(ts) * 1e6
+
+
+def geomean(values: Sequence[float]) -> float:
+    values = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def copy_bandwidth(nbytes: int, *, budget_s: float = 1.0) -> dict[str, float]:
+    """Copy bandwidth (GB/s, counting read + write) of a buffer of ``nbytes``.
+
+    ``jax``: ``jax.jit(lambda x: x + 1)`` into a fresh output, as every
+    contender writes its outputs; ``numpy``: ``np.copyto`` into a preallocated,
+    already-touched destination (one thread, no page faults).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    n = nbytes // 4
+    x = jnp.arange(n, dtype=jnp.float32)
+    f = jax.jit(lambda v: v + 1)
+    src = np.arange(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    dst[...] = 0
+    ts = interleave(
+        {"jax": lambda: block(f(x)), "numpy": lambda: np.copyto(dst, src)},
+        warmup=2,
+        min_rounds=5,
+        max_rounds=50,
+        budget_s=budget_s,
+    )
+    return {k: 2 * n * 4 / statistics.median(v) / 1e9 for k, v in ts.items()}
+
+
+# --------------------------------------------------------------------------- HLO
+
+
+_DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+    "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+}
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) ([\w-]+)\((.*?)\)(?:, |$)")
+_FREE = {"parameter", "tuple", "bitcast", "constant", "get-tuple-element", "copy-start", "copy-done"}
+
+
+def _shape_bytes(text: str) -> int:
+    total = 0
+    for dtype, dims in _SHAPE.findall(text):
+        total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def entry_computation(hlo_text: str) -> str:
+    i = hlo_text.find("\nENTRY ")
+    return hlo_text[i + 1 :] if i >= 0 else hlo_text
+
+
+def hlo_traffic(hlo_text: str, nbytes: int) -> dict[str, float]:
+    """Estimates the full-size passes of a compiled program over a tensor of ``nbytes``.
+
+    Every top-level instruction of the entry computation (fusion, custom call,
+    copy, ...) that reads or writes a buffer of at least ``nbytes / 2`` counts
+    each such operand and its result once. Loop fusions with a small result
+    (slices, small reductions of a few rows) are not counted. The result is
+    the number of full-size buffers moved, ``passes``, and the number of
+    ``kernels`` that touch them.
+    """
+    size: dict[str, int] = {}
+    moved, kernels = 0, 0
+    for line in entry_computation(hlo_text).splitlines()[1:]:
+        m = _INSTR.match(re.sub(r"/\*[^*]*\*/", "", line))
+        if not m:
+            continue
+        name, ty, op, operands = m.groups()
+        size[name] = _shape_bytes(ty)
+        if op in _FREE:
+            continue
+        if "kind=kLoop" in line and size[name] < nbytes // 2:
+            continue
+        io = [size[name]] + [size.get(o.strip().lstrip("%"), 0) for o in operands.split(",")]
+        io = [b for b in io if b >= nbytes // 2]
+        if io:
+            kernels += 1
+            moved += sum(io)
+    return {"passes": round(moved / nbytes, 2), "kernels": kernels}
+
+
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+    """Counts collective instructions in the entry computation (``-start`` halves of async ones)."""
+    counts = {c: 0 for c in _COLLECTIVES}
+    for line in entry_computation(hlo_text).splitlines():
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        op = m.group(3)
+        for c in _COLLECTIVES:
+            if op in (c, c + "-start"):
+                counts[c] += 1
+    counts["total"] = sum(counts[c] for c in _COLLECTIVES)
+    return counts
+
+
+# ----------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, caches, memory, library versions, load average."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        caches = {}
+        base = "/sys/devices/system/cpu/cpu0/cache"
+        for idx in sorted(os.listdir(base)):
+            p = os.path.join(base, idx)
+            level = open(os.path.join(p, "level")).read().strip()
+            kind = open(os.path.join(p, "type")).read().strip()
+            size = open(os.path.join(p, "size")).read().strip()
+            caches[f"L{level}{'d' if kind == 'Data' else 'i' if kind == 'Instruction' else ''}"] = size
+        info["caches"] = caches
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_total"] = f.readline().split(":", 1)[1].strip()
+    except OSError:
+        pass
+    info["loadavg_start"] = load_average()
+    versions = {}
+    for mod in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional
+            versions[mod] = None
+    info["versions"] = versions
+    return info
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None

@@ -1,0 +1,657 @@
+"""Batch-norm benchmark: jaxbn against flax.linen.BatchNorm and PyTorch, side by side.
+
+    python benchmarks/bn.py            # full run (a few minutes), writes benchmarks/results/bn.json
+    python benchmarks/bn.py --quick    # smoke run (small shapes, few repeats), CI
+
+Everything runs in this process on one CPU device, interleaving the contenders
+(each round calls every contender once, in rotating order), after warm-up
+calls, timing each call up to ``block_until_ready`` and reporting medians.
+The 8-device part (sync) runs in a subprocess. Sections:
+
+fwdbwd     training-mode forward + backward: ``jax.grad`` of ``sum(y * w)`` w.r.t.
+           x, scale and bias (y returned too) for jaxbn.batch_norm, jaxbn.BatchNorm,
+           flax.linen.BatchNorm (its defaults) and torch.nn.functional.batch_norm
+           with autograd (channels-last), float32. Also: the memory floor, the
+           full-size passes XLA makes (from the compiled HLO) and the compiled
+           temporary memory of each JAX contender.
+infer      inference mode (running statistics).
+fold       Conv + BN against the BN folded into the Conv, and the Conv alone.
+lenet      the LeNet + BN training step of the lenet_bn config (batch 64).
+sync       jaxbn vs flax under ``axis_name`` on 8 virtual devices (subprocess).
+
+The memory floor of a fwd+bwd: it must read x for the statistics, read x and
+write y, read dy and x for the two reductions, and read dy and x and write dx:
+8 passes over the tensor. floor = 8 * nbytes / B with B the copy bandwidth
+(read + write) of ``jax.jit(lambda x: x + 1)`` on the same tensor, measured in
+the same rounds as the contenders; that is, floor = 4 x the copy time.
+
+The exit status is 1 if a contender fails or the results disagree (y, dx,
+dscale, dbias against a float64 NumPy reference, and contenders with each
+other); timing targets are reported, never enforced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+# One device for the main measurements, whatever the caller's XLA_FLAGS say.
+_flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+os.environ["XLA_FLAGS"] = " ".join(_flags)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# torch's OpenMP workers spin after each parallel region by default; on a small,
+# shared machine that starves the other contenders (and torch itself, by tens of
+# milliseconds per call when the cores are oversubscribed). Passive waiting.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import _contenders as C
+import _harness as H
+
+FULL_SHAPES = [(64, 24, 24, 6), (64, 8, 8, 16), (64, 120), (128, 28, 28, 32), (32, 56, 56, 64), (4096, 512)]
+QUICK_SHAPES = [(64, 8, 8, 16), (64, 120)]
+LARGE_SHAPES = [(128, 28, 28, 32), (32, 56, 56, 64)]  # larger than the caches: the floor targets
+FOLD_FULL = ((32, 28, 28, 16), 32)
+FOLD_QUICK = ((8, 12, 12, 8), 16)
+SYNC_FULL = ["64x28x28x32", "1024x512"]
+SYNC_QUICK = ["16x8x8x16"]
+
+JAXBN_FN, JAXBN_MOD, FLAX, TORCH = "jaxbn.batch_norm", "jaxbn.BatchNorm", "flax.linen.BatchNorm", "torch"
+COPY = "copy (x + 1)"
+
+# Agreement tolerances (float32 against a float64 reference), relative to the largest |value|.
+TOL = {"y": 1e-4, "dx": 1e-3, "dscale": 1e-3, "dbias": 1e-3}
+
+
+class Report:
+    """Collects results, errors and agreement checks; prints as it goes."""
+
+    def __init__(self):
+        self.data: dict = {"errors": [], "agreement": []}
+
+    def error(self, where: str, exc: BaseException) -> None:
+        msg = f"{where}: {type(exc).__name__}: {exc}"
+        print(f"ERROR {msg}", file=sys.stderr)
+        traceback.print_exc()
+        self.data["errors"].append(msg)
+
+    def agree(self, where: str, name: str, got: dict, ref: dict, tol: dict) -> bool:
+        """Checks got against ref (max |diff| / max |ref| per output); records the result."""
+        worst, ok = {}, True
+        for key, r in ref.items():
+            g = np.asarray(got[key], np.float64)
+            r = np.asarray(r, np.float64)
+            if g.shape != r.shape:
+                worst[key] = float("inf")
+                ok = False
+                continue
+            err = float(np.max(np.abs(g - r)) / max(float(np.max(np.abs(r))), 1e-30))
+            worst[key] = err
+            ok &= bool(np.isfinite(err) and err <= tol[key])
+        self.data["agreement"].append({"where": where, "contender": name, "rel_err": worst, "ok": ok})
+        if not ok:
+            print(f"DISAGREE {where} {name}: {worst} (tolerance {tol})", file=sys.stderr)
+        return ok
+
+    @property
+    def ok(self) -> bool:
+        return not self.data["errors"] and all(a["ok"] for a in self.data["agreement"])
+
+
+def shape_str(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def fmt_us(us: float | None) -> str:
+    if us is None or not math.isfinite(us):
+        return "-"
+    return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} us"
+
+
+def fmt_x(r: float | None) -> str:
+    return "-" if r is None or not math.isfinite(r) else f"{r:.2f}x"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------- sections
+
+
+def section_fwdbwd(rep: Report, shapes, budget: float, with_torch: bool) -> None:
+    results = []
+    for shape in shapes:
+        print(f"fwdbwd {shape_str(shape)} ...", flush=True)
+        entry: dict = {"shape": list(shape), "nbytes": int(np.prod(shape)) * 4}
+        p = C.problem(shape)
+        ref = C.reference_fwdbwd(p)
+        try:
+            cons = C.fwdbwd_contenders(p, with_torch=with_torch)
+        except Exception as e:  # noqa: BLE001
+            rep.error(f"fwdbwd {shape_str(shape)} build", e)
+            continue
+        # Agreement (before timing): every contender against the float64 reference.
+        for name, con in list(cons.items()):
+            try:
+                rep.agree(f"fwdbwd {shape_str(shape)}", name, con.result(), ref, TOL)
+            except Exception as e:  # noqa: BLE001
+                rep.error(f"fwdbwd {shape_str(shape)} {name}", e)
+                del cons[name]
+        x = jax.numpy.asarray(p["x"])
+        copy = jax.jit(lambda v: v + 1).lower(x).compile()
+        fns = {name: con.run for name, con in cons.items()}
+        fns[COPY] = lambda: H.block(copy(x))
+        times = H.interleave(fns, warmup=2, min_rounds=5, max_rounds=300, budget_s=budget)
+        med = {k: H.median_us(v) for k, v in times.items()}
+        entry["rounds"] = len(times[COPY])
+        entry["times_us"] = med
+        entry["min_us"] = {k: min(v) * 1e6 for k, v in times.items()}
+        entry["floor_us"] = 4 * med[COPY]
+        bw = rep.data.get("bandwidth", {})
+        if bw.get("jax"):
+            # The same floor with the copy bandwidth of a buffer far larger than the caches.
+            entry["floor_large_buffer_us"] = 8 * entry["nbytes"] / (bw["jax"] * 1e9) * 1e6
+        entry["copy_bandwidth_GBps"] = 2 * entry["nbytes"] / (med[COPY] * 1e-6) / 1e9
+        entry["over_floor"] = {k: v / entry["floor_us"] for k, v in med.items() if k != COPY}
+        for base in (FLAX, TORCH):
+            if base in med:
+                entry[f"over_{'flax' if base == FLAX else 'torch'}"] = {
+                    k: v / med[base] for k, v in med.items() if k not in (COPY, base)
+                }
+        entry["page_faults_per_call"] = {
+            k: H.page_faults_per_call(f, calls=3 if budget < 1 else 10) for k, f in fns.items()
+        }
+        entry["temp_bytes"], entry["hlo"] = {}, {}
+        for name, con in cons.items():
+            if con.compiled is not None:
+                entry["temp_bytes"][name] = int(con.compiled.memory_analysis().temp_size_in_bytes)
+                entry["hlo"][name] = H.hlo_traffic(con.compiled.as_text(), entry["nbytes"])
+        results.append(entry)
+        print(
+            "   " + "  ".join(f"{k}: {fmt_us(v)}" for k, v in med.items()) + f"  [{entry['rounds']} rounds]",
+            flush=True,
+        )
+    rep.data["fwdbwd"] = results
+    summary = {}
+    for name in (JAXBN_FN, JAXBN_MOD, TORCH):
+        for base, key in ((FLAX, "over_flax"), (TORCH, "over_torch")):
+            if name == base:
+                continue
+            vals = [e[key][name] for e in results if key in e and name in e[key]]
+            if vals:
+                summary[f"{name} / {base}"] = H.geomean(vals)
+    if TORCH in (results[0]["times_us"] if results else {}):
+        vals = [e["times_us"][FLAX] / e["times_us"][TORCH] for e in results if TORCH in e["times_us"]]
+        summary[f"{FLAX} / {TORCH}"] = H.geomean(vals)
+    rep.data["fwdbwd_geomean"] = summary
+
+
+def section_infer(rep: Report, shapes, budget: float, with_torch: bool) -> None:
+    results = []
+    for shape in shapes:
+        print(f"infer {shape_str(shape)} ...", flush=True)
+        p = C.problem(shape)
+        ref = C.reference_inference(p)
+        try:
+            cons = C.inference_contenders(p, with_torch=with_torch)
+        except Exception as e:  # noqa: BLE001
+            rep.error(f"infer {shape_str(shape)} build", e)
+            continue
+        for name, con in list(cons.items()):
+            try:
+                rep.agree(f"infer {shape_str(shape)}", name, con.result(), ref, TOL)
+            except Exception as e:  # noqa: BLE001
+                rep.error(f"infer {shape_str(shape)} {name}", e)
+                del cons[name]
+        x = jax.numpy.asarray(p["x"])
+        copy = jax.jit(lambda v: v + 1).lower(x).compile()
+        fns = {name: con.run for name, con in cons.items()}
+        fns[COPY] = lambda: H.block(copy(x))
+        times = H.interleave(fns, warmup=2, min_rounds=5, max_rounds=300, budget_s=budget)
+        med = {k: H.median_us(v) for k, v in times.items()}
+        entry = {"shape": list(shape), "times_us": med, "rounds": len(times[COPY])}
+        entry["min_us"] = {k: min(v) * 1e6 for k, v in times.items()}
+        if FLAX in cons and cons[FLAX].compiled is not None:
+            ref_sig = H.kernel_signature(cons[FLAX].compiled.as_text())
+            entry["same_kernels_as_flax"] = {
+                k: H.kernel_signature(c.compiled.as_text()) == ref_sig
+                for k, c in cons.items()
+                if c.compiled is not None and k != FLAX
+            }
+        entry["over_flax"] = {k: v / med[FLAX] for k, v in med.items() if k != FLAX and FLAX in med}
+        entry["over_copy"] = {k: v / med[COPY] for k, v in med.items() if k != COPY}
+        results.append(entry)
+    rep.data["infer"] = results
+    if results:
+        rep.data["infer_geomean"] = {
+            f"{name} / {FLAX}": H.geomean([e["over_flax"][name] for e in results if name in e["over_flax"]])
+            for name in ("jaxbn.normalize", JAXBN_MOD, TORCH)
+            if any(name in e["over_flax"] for e in results)
+        }
+
+
+def section_fold(rep: Report, spec, budget: float) -> None:
+    in_shape, features = spec
+    print(f"fold {shape_str(in_shape)} -> {features} channels ...", flush=True)
+    try:
+        cons = C.fold_contenders(in_shape, features)
+    except Exception as e:  # noqa: BLE001
+        rep.error("fold build", e)
+        return
+    outs = {}
+    for name, con in list(cons.items()):
+        try:
+            outs[name] = con.result()
+        except Exception as e:  # noqa: BLE001
+            rep.error(f"fold {name}", e)
+            del cons[name]
+    base = "Conv+jaxbn.BatchNorm"
+    if base in outs:
+        for name in outs:
+            if name != base and "no bias" not in name:
+                rep.agree("fold", name, outs[name], outs[base], {"y": 1e-4})
+    times = H.interleave({k: c.run for k, c in cons.items()}, warmup=2, min_rounds=5, max_rounds=300, budget_s=budget)
+    med = {k: H.median_us(v) for k, v in times.items()}
+    alone, bare = "Conv alone (with bias)", "Conv alone (no bias)"
+    rep.data["fold"] = {
+        "input_shape": list(in_shape),
+        "features": features,
+        "kernel": [3, 3],
+        "times_us": med,
+        "min_us": {k: min(v) * 1e6 for k, v in times.items()},
+        "over_conv_alone": {k: v / med[alone] for k, v in med.items()} if alone in med else {},
+        "over_conv_no_bias": {k: v / med[bare] for k, v in med.items()} if bare in med else {},
+        "rounds": len(times[alone]) if alone in times else 0,
+    }
+
+
+def section_lenet(rep: Report, epochs: int, steps: int) -> None:
+    import _lenet
+
+    print(f"lenet: {epochs} x {steps} steps per contender ...", flush=True)
+    trainers, losses = {}, {}
+    for norm, name in (("jaxbn", JAXBN_MOD), ("flax", FLAX), ("none", "no BN")):
+        try:
+            trainers[name] = _lenet.make_trainer(norm)
+            losses[name] = trainers[name]["run_steps"](3)  # warm-up
+        except Exception as e:  # noqa: BLE001
+            rep.error(f"lenet {norm}", e)
+    for name, loss in losses.items():
+        if not math.isfinite(loss):
+            rep.data["errors"].append(f"lenet {name}: non-finite loss {loss}")
+    times = H.interleave(
+        {k: (lambda t=t: t["run_steps"](steps)) for k, t in trainers.items()},
+        warmup=0,
+        min_rounds=epochs,
+        max_rounds=epochs,
+        budget_s=0,
+    )
+    step_us = {k: H.median_us(v) / steps for k, v in times.items()}
+    out = {
+        "steps_per_epoch": _lenet.STEPS_PER_EPOCH,
+        "timed_steps": steps,
+        "rounds": epochs,
+        "model": next(iter(trainers.values()))["source"] if trainers else None,
+        "step_us": step_us,
+        "epoch_s": {k: v * _lenet.STEPS_PER_EPOCH / 1e6 for k, v in step_us.items()},
+        "temp_bytes": {k: int(t["compiled"].memory_analysis().temp_size_in_bytes) for k, t in trainers.items()},
+    }
+    if "no BN" in step_us:
+        none = step_us["no BN"]
+        out["bn_cost_us"] = {k: v - none for k, v in step_us.items() if k != "no BN"}
+        out["over_no_bn"] = {k: v / none for k, v in step_us.items() if k != "no BN"}
+        if JAXBN_MOD in out["bn_cost_us"] and FLAX in out["bn_cost_us"] and out["bn_cost_us"][FLAX] > 0:
+            out["bn_cost_jaxbn_over_flax"] = out["bn_cost_us"][JAXBN_MOD] / out["bn_cost_us"][FLAX]
+    rep.data["lenet"] = out
+
+
+def section_sync(rep: Report, shapes: list[str], budget: float) -> None:
+    print("sync (subprocess, 8 virtual devices) ...", flush=True)
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    cmd = [sys.executable, os.path.join(HERE, "_sync.py"), "--shapes", ",".join(shapes), "--budget", str(budget)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
+        res = json.loads(lines[-1])
+    except Exception as e:  # noqa: BLE001
+        rep.error("sync", e)
+        return
+    for s in res["shapes"]:
+        where = f"sync {'x'.join(map(str, s['shape']))}"
+        for name, err in s["synced_vs_global_max_abs_err"].items():
+            ok = err <= 1e-4 * 10
+            rep.data["agreement"].append({"where": where, "contender": name, "max_abs_err_vs_global": err, "ok": ok})
+        ok = s["jaxbn_vs_flax_max_abs_err"] <= 1e-3
+        rep.data["agreement"].append(
+            {"where": where, "contender": "jaxbn vs flax", "max_abs_err": s["jaxbn_vs_flax_max_abs_err"], "ok": ok}
+        )
+    rep.data["sync"] = res
+
+
+# ---------------------------------------------------------------------- targets
+
+
+def targets(rep: Report) -> list[dict]:
+    d, out = rep.data, []
+
+    def add(name, value, limit, met):
+        out.append({"target": name, "value": value, "limit": limit, "met": bool(met) if value is not None else None})
+
+    g = d.get("fwdbwd_geomean", {})
+    for name in (JAXBN_FN, JAXBN_MOD):
+        v = g.get(f"{name} / {FLAX}")
+        add(f"fwd+bwd geomean {name} / flax <= 0.6", v, 0.6, v is not None and v <= 0.6)
+        v = g.get(f"{name} / {TORCH}")
+        if v is not None:
+            add(f"fwd+bwd geomean {name} / torch <= 0.5", v, 0.5, v <= 0.5)
+    for e in d.get("fwdbwd", []):
+        if tuple(e["shape"]) in LARGE_SHAPES:
+            for name in (JAXBN_FN, JAXBN_MOD):
+                v = e["over_floor"].get(name)
+                add(f"fwd+bwd {shape_str(e['shape'])} {name} / floor <= 1.2", v, 1.2, v is not None and v <= 1.2)
+    for e in d.get("fwdbwd", []):
+        tb = e["temp_bytes"]
+        if FLAX in tb:
+            for name in (JAXBN_FN, JAXBN_MOD):
+                if name in tb:
+                    add(
+                        f"temp memory {shape_str(e['shape'])} {name} <= flax",
+                        tb[name],
+                        tb[FLAX],
+                        tb[name] <= tb[FLAX],
+                    )
+    v = d.get("infer_geomean", {}).get(f"{JAXBN_MOD} / {FLAX}")
+    if v is not None:
+        same = [e.get("same_kernels_as_flax", {}).get(JAXBN_MOD) for e in d.get("infer", [])]
+        add("inference geomean jaxbn.BatchNorm / flax <= 1.02 (no slower)", v, 1.02, v <= 1.02)
+        if same and all(x is not None for x in same):
+            add(
+                "inference: jaxbn.BatchNorm compiles to the same kernels as flax (every shape)",
+                sum(same),
+                len(same),
+                all(same),
+            )
+    f = d.get("fold", {}).get("over_conv_alone", {})
+    v = f.get("folded Conv (jaxbn.fold_batch_norm)")
+    if v is not None:
+        add("folded Conv / Conv alone (with bias) <= 1.05 (costs the Conv alone)", v, 1.05, v <= 1.05)
+    ln = d.get("lenet", {})
+    if "bn_cost_jaxbn_over_flax" in ln:
+        v = ln["bn_cost_jaxbn_over_flax"]
+        add("LeNet BN cost jaxbn / flax <= 0.5", v, 0.5, v <= 0.5)
+    if JAXBN_MOD in ln.get("over_no_bn", {}):
+        v = ln["over_no_bn"][JAXBN_MOD]
+        add("LeNet step jaxbn / no BN <= 1.10", v, 1.10, v <= 1.10)
+    for s in d.get("sync", {}).get("shapes", []):
+        v = s["collectives_forward"]["jaxbn.BatchNorm"]["total"]
+        add(f"sync {'x'.join(map(str, s['shape']))}: collectives in jaxbn's forward == 1", v, 1, v == 1)
+    return out
+
+
+# ----------------------------------------------------------------------- output
+
+
+def render(rep: Report) -> str:
+    d = rep.data
+    parts = []
+    m = d.get("machine", {})
+    parts.append(
+        f"Machine: {m.get('cpu', '?')}, {m.get('cpu_count')} cores, caches {m.get('caches', {})}, "
+        f"{m.get('mem_total', '?')}; load average {m.get('loadavg_start')} -> {m.get('loadavg_end')}. "
+        f"Versions: {', '.join(f'{k} {v}' for k, v in m.get('versions', {}).items() if v)}."
+    )
+    bw = d.get("bandwidth")
+    if bw:
+        parts.append(
+            f"Copy bandwidth of a {bw['nbytes'] / 2**20:.0f} MiB buffer (read + write): "
+            f"jax x+1 into a fresh buffer {bw['jax']:.1f} GB/s, numpy copyto into a touched buffer "
+            f"{bw['numpy']:.1f} GB/s."
+        )
+    if d.get("fwdbwd"):
+        names = [n for n in (JAXBN_FN, JAXBN_MOD, FLAX, TORCH) if any(n in e["times_us"] for e in d["fwdbwd"])]
+        rows = []
+        for e in d["fwdbwd"]:
+            t = e["times_us"]
+            rows.append(
+                [shape_str(e["shape"]), f"{e['nbytes'] / 2**20:.2f} MiB"]
+                + [fmt_us(t.get(n)) for n in names]
+                + [fmt_us(t[COPY]), fmt_us(e["floor_us"]), str(e["rounds"])]
+            )
+        header = ["shape", "size"] + names + ["copy (x + 1)", "floor = 4 x copy", "rounds"]
+        parts.append("Training-mode forward + backward, median time per call:\n\n" + table(header, rows))
+
+        cols = [(JAXBN_FN, "over_flax"), (JAXBN_MOD, "over_flax")]
+        if TORCH in names:
+            cols += [(JAXBN_FN, "over_torch"), (JAXBN_MOD, "over_torch"), (FLAX, "over_torch")]
+        floor_cols = [n for n in names]
+        rows = []
+        for e in d["fwdbwd"]:
+            rows.append(
+                [shape_str(e["shape"])]
+                + [fmt_x(e.get(key, {}).get(n)) for n, key in cols]
+                + [fmt_x(e["over_floor"].get(n)) for n in floor_cols]
+            )
+        g = d.get("fwdbwd_geomean", {})
+        geo = ["geomean"]
+        for n, key in cols:
+            base = FLAX if key == "over_flax" else TORCH
+            geo.append(fmt_x(g.get(f"{n} / {base}")))
+        geo += [""] * len(floor_cols)
+        rows.append(geo)
+        short = {JAXBN_FN: "fn", JAXBN_MOD: "module", FLAX: "flax", TORCH: "torch"}
+        header = ["shape"] + [
+            f"{short[n]} / {'flax' if key == 'over_flax' else 'torch'}" for n, key in cols
+        ] + [f"{short[n]} / floor" for n in floor_cols]
+        parts.append(
+            "Ratios (fn = jaxbn.batch_norm, module = jaxbn.BatchNorm; below 1 = faster than the "
+            "baseline; floor = 8 passes at the copy bandwidth):\n\n" + table(header, rows)
+        )
+
+        rows = []
+        jnames = [n for n in (JAXBN_FN, JAXBN_MOD, FLAX) if n in names]
+        for e in d["fwdbwd"]:
+            rows.append(
+                [shape_str(e["shape"])]
+                + [f"{e['hlo'][n]['passes']:g} / {e['hlo'][n]['kernels']}" if n in e["hlo"] else "-" for n in jnames]
+                + [f"{e['temp_bytes'][n] / 2**20:.2f} MiB" if n in e["temp_bytes"] else "-" for n in jnames]
+            )
+        for row, e in zip(rows, d["fwdbwd"]):
+            pf = e.get("page_faults_per_call", {})
+            row += [f"{pf[n]:.0f}" if n in pf else "-" for n in jnames + [COPY]]
+        header = (
+            ["shape"]
+            + [f"{n} passes / kernels" for n in jnames]
+            + [f"{n} temp" for n in jnames]
+            + [f"{n} page faults / call" for n in jnames + [COPY]]
+        )
+        parts.append(
+            "Compiled fwd+bwd: full-size buffers read or written (in tensor sizes; the floor is 8) / "
+            "kernels touching them, and compiled temporary memory:\n\n" + table(header, rows)
+        )
+    if d.get("infer"):
+        names = [n for n in ("jaxbn.normalize", JAXBN_MOD, FLAX, TORCH) if any(n in e["times_us"] for e in d["infer"])]
+        rows = []
+        for e in d["infer"]:
+            t = e["times_us"]
+            rows.append(
+                [shape_str(e["shape"])]
+                + [fmt_us(t.get(n)) for n in names]
+                + [fmt_us(t[COPY])]
+                + [fmt_x(e["over_flax"].get(n)) for n in names if n != FLAX]
+            )
+        header = ["shape"] + names + ["copy"] + [f"{n} / flax" for n in names if n != FLAX]
+        same = [e.get("same_kernels_as_flax", {}).get(JAXBN_MOD) for e in d["infer"]]
+        note = (
+            "\n\njaxbn.BatchNorm's compiled program has the same kernels, doing the same arithmetic, "
+            f"as flax's for {sum(bool(x) for x in same)} of {len(same)} shapes."
+        )
+        parts.append("Inference mode (running statistics), median time per call:\n\n" + table(header, rows) + note)
+    if d.get("fold"):
+        f = d["fold"]
+        rows = [
+            [k, fmt_us(v), fmt_x(f["over_conv_alone"].get(k)), fmt_x(f["over_conv_no_bias"].get(k))]
+            for k, v in f["times_us"].items()
+        ]
+        parts.append(
+            f"Conv 3x3 {shape_str(f['input_shape'])} -> {f['features']} channels, inference:\n\n"
+            + table(["model", "time", "/ Conv alone (with bias)", "/ Conv alone (no bias)"], rows)
+        )
+    if d.get("lenet"):
+        ln = d["lenet"]
+        rows = []
+        for k, v in ln["step_us"].items():
+            rows.append(
+                [
+                    k,
+                    fmt_us(v),
+                    f"{ln['epoch_s'][k]:.2f} s",
+                    fmt_us(ln.get("bn_cost_us", {}).get(k)),
+                    fmt_x(ln.get("over_no_bn", {}).get(k)),
+                ]
+            )
+        parts.append(
+            f"LeNet + BN training step (batch 64, {ln['steps_per_epoch']} steps per epoch; "
+            f"{ln['rounds']} rounds of {ln['timed_steps']} steps; model {ln['model']}):\n\n"
+            + table(["BN", "step", "epoch", "BN cost (step - no-BN step)", "/ no BN"], rows)
+            + (
+                f"\n\nBN cost, jaxbn / flax: {fmt_x(ln['bn_cost_jaxbn_over_flax'])}"
+                if "bn_cost_jaxbn_over_flax" in ln
+                else ""
+            )
+        )
+    if d.get("sync"):
+        rows = []
+        for s in d["sync"]["shapes"]:
+            for n in ("jaxbn.BatchNorm", "flax.linen.BatchNorm"):
+                rows.append(
+                    [
+                        "x".join(map(str, s["shape"])),
+                        n,
+                        str(s["collectives_forward"][n]["total"]),
+                        str(s["collectives_fwdbwd"][n]["total"]),
+                        fmt_us(s["fwdbwd_us"][n]),
+                        f"{s['synced_vs_global_max_abs_err'][n]:.1e}",
+                    ]
+                )
+        parts.append(
+            "Synchronized BN (shard_map over 8 virtual CPU devices, axis_name='batch'):\n\n"
+            + table(
+                ["global shape", "module", "collectives fwd", "collectives fwd+bwd", "fwd+bwd", "max |y - y_global|"],
+                rows,
+            )
+        )
+    if d.get("targets"):
+        rows = [
+            [
+                t["target"],
+                "-" if t["value"] is None else (f"{t['value']:.3g}" if isinstance(t["value"], float) else str(t["value"])),
+                "met" if t["met"] else ("n/a" if t["met"] is None else "MISSED"),
+            ]
+            for t in d["targets"]
+        ]
+        parts.append("Targets:\n\n" + table(["target", "value", ""], rows))
+    status = "OK" if rep.ok else "FAILED"
+    parts.append(
+        f"Agreement checks: {sum(a['ok'] for a in d['agreement'])}/{len(d['agreement'])} passed; "
+        f"errors: {len(d['errors'])}. Status: {status}."
+    )
+    return "\n\n".join(parts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: small shapes, few repeats")
+    ap.add_argument("--json", help="where to write the results (default benchmarks/results/bn[_quick].json)")
+    ap.add_argument("--markdown", help="also write the tables to this file")
+    ap.add_argument(
+        "--sections",
+        default="fwdbwd,infer,fold,lenet,sync",
+        help="comma-separated subset of fwdbwd,infer,fold,lenet,sync",
+    )
+    ap.add_argument("--shapes", help="override the shapes, e.g. 64x120,32x56x56x64")
+    ap.add_argument("--budget", type=float, help="seconds of timing per shape and section")
+    ap.add_argument("--no-torch", action="store_true", help="leave torch out even if installed")
+    args = ap.parse_args(argv)
+
+    quick = args.quick
+    shapes = QUICK_SHAPES if quick else FULL_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+    budget = args.budget if args.budget is not None else (0.3 if quick else 6.0)
+    sections = set(args.sections.split(","))
+    with_torch = C.torch_available() and not args.no_torch
+
+    rep = Report()
+    rep.data["machine"] = H.machine_info()
+    if C.torch_available():
+        import torch
+
+        rep.data["machine"]["torch_threads"] = torch.get_num_threads()
+    rep.data["config"] = {
+        "quick": quick,
+        "shapes": [list(s) for s in shapes],
+        "budget_s": budget,
+        "torch": with_torch,
+        "command": " ".join([os.path.relpath(sys.argv[0]) if sys.argv else "bn.py"] + (argv or sys.argv[1:])),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "jax_devices": [str(dv) for dv in jax.devices()],
+    }
+    if not with_torch:
+        print("torch not installed (or --no-torch): the torch contender is skipped.", flush=True)
+    start = time.perf_counter()
+    try:
+        nbytes = (16 if quick else 256) * 2**20
+        rep.data["bandwidth"] = {"nbytes": nbytes, **H.copy_bandwidth(nbytes, budget_s=0.3 if quick else 2.0)}
+    except Exception as e:  # noqa: BLE001
+        rep.error("bandwidth", e)
+    runs = {
+        "fwdbwd": lambda: section_fwdbwd(rep, shapes, budget, with_torch),
+        "infer": lambda: section_infer(rep, shapes, budget / 2, with_torch),
+        "fold": lambda: section_fold(rep, FOLD_QUICK if quick else FOLD_FULL, budget / 2),
+        "lenet": lambda: section_lenet(rep, epochs=2 if quick else 5, steps=10 if quick else 750),
+        "sync": lambda: section_sync(rep, SYNC_QUICK if quick else SYNC_FULL, 0.3 if quick else 3.0),
+    }
+    rep.data["section_s"] = {}
+    for name, fn in runs.items():
+        if name in sections:
+            t0 = time.perf_counter()
+            fn()
+            rep.data["section_s"][name] = round(time.perf_counter() - t0, 1)
+    rep.data["machine"]["loadavg_end"] = H.load_average()
+    rep.data["wall_s"] = time.perf_counter() - start
+    rep.data["targets"] = targets(rep)
+    rep.data["ok"] = rep.ok
+
+    text = render(rep)
+    print()
+    print(text)
+    path = args.json or os.path.join(HERE, "results", "bn_quick.json" if quick else "bn.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rep.data, f, indent=1, default=float)
+    print(f"\nwrote {path}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    return 0 if rep.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The benchmark suite runs end to end in --quick mode (timings are never checked).
+
+The run must succeed (exit 0: no contender failed, every agreement check
+passed) and its JSON must hold every section and contender.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "bn.py")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bn_quick.json"
+    env = dict(os.environ)
+    # The benchmark picks its own device counts (1 in-process, 8 in its sync subprocess).
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--quick", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    data = json.loads(out.read_text()) if out.exists() else None
+    return proc, data
+
+
+def test_quick_benchmark_exits_cleanly(quick_run):
+    proc, data = quick_run
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert data is not None and data["ok"] is True
+    assert data["errors"] == []
+
+
+def test_quick_benchmark_agreement(quick_run):
+    _, data = quick_run
+    checks = data["agreement"]
+    assert checks and all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
+    where = {c["where"].split()[0] for c in checks}
+    assert {"fwdbwd", "infer", "fold", "sync"} <= where
+
+
+def test_quick_benchmark_has_every_contender(quick_run):
+    _, data = quick_run
+    expected = {"jaxbn.batch_norm", "jaxbn.BatchNorm", "flax.linen.BatchNorm", "copy (x + 1)"}
+    if data["config"]["torch"]:
+        expected.add("torch")
+    assert data["fwdbwd"], "no fwd+bwd results"
+    for entry in data["fwdbwd"]:
+        assert expected <= set(entry["times_us"]), entry["times_us"].keys()
+        assert all(t > 0 for t in entry["times_us"].values())
+        assert entry["floor_us"] > 0
+        for name in ("jaxbn.batch_norm", "jaxbn.BatchNorm", "flax.linen.BatchNorm"):
+            assert entry["temp_bytes"][name] >= 0
+            assert entry["hlo"][name]["passes"] > 0
+    for entry in data["infer"]:
+        assert {"jaxbn.normalize", "jaxbn.BatchNorm", "flax.linen.BatchNorm"} <= set(entry["times_us"])
+    assert {"Conv+jaxbn.BatchNorm", "Conv+flax.linen.BatchNorm", "folded Conv (jaxbn.fold_batch_norm)",
+            "Conv alone (no bias)", "Conv alone (with bias)"} <= set(data["fold"]["times_us"])
+    assert {"jaxbn.BatchNorm", "flax.linen.BatchNorm", "no BN"} <= set(data["lenet"]["step_us"])
+    sync = data["sync"]
+    assert sync["devices"] == 8 and sync["shapes"]
+    for s in sync["shapes"]:
+        assert s["collectives_forward"]["jaxbn.BatchNorm"]["total"] >= 1
+    assert data["targets"], "targets were not evaluated"
+
+
+def test_torch_is_optional():
+    """The benchmark imports without torch: the contender module guards the import."""
+    code = (
+        "import sys, builtins\n"
+        "real = builtins.__import__\n"
+        "def fake(name, *a, **k):\n"
+        "    if name == 'torch' or name.startswith('torch.'):\n"
+        "        raise ImportError('no torch')\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = fake\n"
+        f"sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r})\n"
+        "import _contenders\n"
+        "assert not _contenders.torch_available()\n"
+        "import numpy as np\n"
+        "p = _contenders.problem((8, 4))\n"
+        "cons = _contenders.fwdbwd_contenders(p, with_torch=True)\n"
+        "assert 'torch' not in cons and 'flax.linen.BatchNorm' in cons\n"
+    )
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
