@@ -67,7 +67,7 @@ def write_idx_dir(directory: Path, mnist: data.Mnist, gz: dict[str, bool]) -> No
     for field, name in data.IDX_FILES.items():
         raw = idx_bytes(arrays[field])
         if gz[field]:
-            (directory / f"{name}.gz").write_bytes(gzip.compress(raw))
+            (directory / f"{name}.gz").write_bytes(gzip.compress(raw, mtime=0))
         else:
             (directory / name).write_bytes(raw)
 
@@ -125,7 +125,7 @@ def registry_pickle_gz(mnist: data.Mnist, n_valid: int = 4, py2: bool = True) ->
         split(mnist.test_images, mnist.test_labels),
     )
     raw = py2_pickle(obj) if py2 else pickle.dumps(obj, protocol=4)
-    return gzip.compress(raw)
+    return gzip.compress(raw, mtime=0)
 
 
 class RunsCode:
@@ -140,7 +140,7 @@ class RunsCode:
 
 def code_payload_gz(marker: Path, protocol: int = 2) -> bytes:
     obj = ((RunsCode(marker), 0), (0, 0), (0, 0))
-    return gzip.compress(pickle.dumps(obj, protocol=protocol))
+    return gzip.compress(pickle.dumps(obj, protocol=protocol), mtime=0)
 
 
 @pytest.fixture(autouse=True)
@@ -212,7 +212,7 @@ def _images_header(n: int) -> bytes:
         (b"\x00\x00\x08\x03" + bytes(5), "header declares 3 dimensions"),
         (_images_header(2) + bytes(28 * 28 * 2 - 1), "need 1568 data bytes, the file has 1567"),
         (_images_header(2) + bytes(28 * 28 * 2 + 3), "the file has 1571"),
-        (gzip.compress(_images_header(1) + bytes(784))[:-10], "corrupt gzip"),
+        (gzip.compress(_images_header(1) + bytes(784), mtime=0)[:-10], "corrupt gzip"),
         (idx_bytes(np.zeros((1, 27, 28), np.uint8)), "expected MNIST images"),
         (idx_bytes(np.zeros((1, 28, 28), np.int32), 0x0C), "expected MNIST images"),
     ],
@@ -341,7 +341,7 @@ def test_registry_non_integer_pixels_are_rejected(bad_value):
     payload = gzip.decompress(registry_pickle_gz(tiny))
     obj = data.NumpyOnlyUnpickler(io.BytesIO(payload), encoding="latin1").load()
     obj[2][0][3, 100] = bad_value
-    bad = gzip.compress(py2_pickle(obj))
+    bad = gzip.compress(py2_pickle(obj), mtime=0)
     with pytest.raises(data.DataFormatError, match=r"not k/256 for an integer k in 0\.\.255"):
         data.read_registry_pickle(
             bad, expected_sha256=data.sha256_hex(bad), validate_counts=False
@@ -361,7 +361,7 @@ _XY = (np.zeros((2, 784), np.float32), np.zeros(2, np.int64))
     ],
 )
 def test_registry_wrong_structure_is_rejected(obj, message):
-    payload = gzip.compress(py2_pickle(obj))
+    payload = gzip.compress(py2_pickle(obj), mtime=0)
     with pytest.raises(data.DataFormatError, match=message):
         data.read_registry_pickle(
             payload, expected_sha256=data.sha256_hex(payload), validate_counts=False
