@@ -109,6 +109,23 @@ class Report:
         return not self.data["errors"] and all(a["ok"] for a in self.data["agreement"])
 
 
+def check_and_time(rep, where, cons, ref, x, budget):
+    """Checks every contender against ``ref`` (dropping failures), then times them
+    interleaved with a copy of ``x`` (``x + 1``); returns (timed callables, times, medians in us)."""
+    for name, con in list(cons.items()):
+        try:
+            rep.agree(where, name, con.result(), ref, TOL)
+        except Exception as e:  # noqa: BLE001
+            rep.error(f"{where} {name}", e)
+            del cons[name]
+    x = jax.numpy.asarray(x)
+    copy = jax.jit(lambda v: v + 1).lower(x).compile()
+    fns = {name: con.run for name, con in cons.items()}
+    fns[COPY] = lambda: H.block(copy(x))
+    times = H.interleave(fns, warmup=2, min_rounds=5, max_rounds=300, budget_s=budget)
+    return fns, times, {k: H.median_us(v) for k, v in times.items()}
+
+
 def shape_str(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
@@ -144,19 +161,7 @@ def section_fwdbwd(rep: Report, shapes, budget: float, with_torch: bool) -> None
         except Exception as e:  # noqa: BLE001
             rep.error(f"fwdbwd {shape_str(shape)} build", e)
             continue
-        # Agreement (before timing): every contender against the float64 reference.
-        for name, con in list(cons.items()):
-            try:
-                rep.agree(f"fwdbwd {shape_str(shape)}", name, con.result(), ref, TOL)
-            except Exception as e:  # noqa: BLE001
-                rep.error(f"fwdbwd {shape_str(shape)} {name}", e)
-                del cons[name]
-        x = jax.numpy.asarray(p["x"])
-        copy = jax.jit(lambda v: v + 1).lower(x).compile()
-        fns = {name: con.run for name, con in cons.items()}
-        fns[COPY] = lambda: H.block(copy(x))
-        times = H.interleave(fns, warmup=2, min_rounds=5, max_rounds=300, budget_s=budget)
-        med = {k: H.median_us(v) for k, v in times.items()}
+        fns, times, med = check_and_time(rep, f"fwdbwd {shape_str(shape)}", cons, ref, p["x"], budget)
         entry["rounds"] = len(times[COPY])
         entry["times_us"] = med
         entry["min_us"] = {k: min(v) * 1e6 for k, v in times.items()}
@@ -211,18 +216,7 @@ def section_infer(rep: Report, shapes, budget: float, with_torch: bool) -> None:
         except Exception as e:  # noqa: BLE001
             rep.error(f"infer {shape_str(shape)} build", e)
             continue
-        for name, con in list(cons.items()):
-            try:
-                rep.agree(f"infer {shape_str(shape)}", name, con.result(), ref, TOL)
-            except Exception as e:  # noqa: BLE001
-                rep.error(f"infer {shape_str(shape)} {name}", e)
-                del cons[name]
-        x = jax.numpy.asarray(p["x"])
-        copy = jax.jit(lambda v: v + 1).lower(x).compile()
-        fns = {name: con.run for name, con in cons.items()}
-        fns[COPY] = lambda: H.block(copy(x))
-        times = H.interleave(fns, warmup=2, min_rounds=5, max_rounds=300, budget_s=budget)
-        med = {k: H.median_us(v) for k, v in times.items()}
+        _, times, med = check_and_time(rep, f"infer {shape_str(shape)}", cons, ref, p["x"], budget)
         entry = {"shape": list(shape), "times_us": med, "rounds": len(times[COPY])}
         entry["min_us"] = {k: min(v) * 1e6 for k, v in times.items()}
         if FLAX in cons and cons[FLAX].compiled is not None:
