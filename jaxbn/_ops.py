@@ -27,11 +27,21 @@ like the gradient of any replicated parameter.
 Memory traffic (the kernels are memory-bound). A training step reads x for the
 statistics, reads x and writes y, reads dy and x for the backward reductions,
 and reads dy and x again to write dx. The compiled program makes exactly these
-kernels and no full-size temporary: two reductions of x (sum(x-K) and
-sum((x-K)^2), see ``jaxbn._stats.local_moments``), y, the reductions sum(dy)
-and sum(dy*(x-mu)), and dx, i.e. 10 tensor-sized reads and writes against the
-8 of a single-pass ideal (XLA:CPU gives every reduction its own kernel). Only
-x and per-feature vectors are kept for the backward. Reductions see the input
+kernels and no full-size temporary: two reductions of x (see
+``jaxbn._stats.local_moments``), y, the reductions sum(dy) and sum(dy*(x-mu)),
+and dx, i.e. 10 tensor-sized reads and writes against the 8 of a single-pass
+ideal (XLA:CPU gives every reduction its own kernel). Only x and per-feature
+vectors are kept for the backward.
+
+On CPU the reductions avoid broadcast operands, which halve XLA:CPU's
+reduction speed: the statistics come from the plain sums of x and |x|^2, and
+sum(dy*(x-mu)) from sum(dy*x) - mu*sum(dy), both only while every feature has
+``|mu|^2 <= 8 (var + eps)`` (``jaxbn._stats.WELL_CONDITIONED``), where they are
+as accurate as the centered forms; otherwise a ``lax.cond`` computes the
+centered sums, so accuracy never depends on the offset of the data. Other
+platforms (``lax.platform_dependent``) always use the shifted and centered sums,
+which fuse there at no extra cost and need no data-dependent branch (a GPU
+conditional would wait for the device). Reductions see the input
 through ``jaxbn._stats.View`` (a free reshape to a matrix with rows at least 64
 wide), which makes them several times faster over few channels; elementwise
 work keeps the input's layout.
@@ -48,7 +58,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks
-from jaxbn._stats import Moments, compute_moments, view
+from jaxbn._stats import WELL_CONDITIONED, Moments, abs_sq, compute_moments, view
 
 
 def _expand(v: jax.Array | None, red: tuple[int, ...]) -> jax.Array | None:
@@ -173,14 +183,18 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
         valid = v.of(jnp.broadcast_to(jnp.asarray(mask, bool), x.shape))
         dyf = jnp.where(valid, dyf, 0)
     # The two reductions of the backward pass: sum(dy) reads dy, sum(dy*(x-mu))
-    # reads dy and x. ``x + (-mu)`` keeps its broadcast apart from the ``x - mu``
-    # of dx below, so XLA fuses each into its consumer instead of materializing
-    # a full-size x - mu (see local_moments).
-    prod = dyf * (xv + v.bcast(-mean))
-    if mask is not None:
-        prod = jnp.where(valid, prod, 0)
-    sum_dy = v.fold_sum(jnp.sum(dyf, axis=v.red))
-    sum_dy_xhat = v.fold_sum(jnp.sum(prod, axis=v.red)) * inv
+    # reads dy and x (see _centered_sum).
+    col_dy = jnp.sum(dyf, axis=v.red)
+    if mask is None:
+        sum_dy_xc = lax.platform_dependent(
+            dyf, xv, col_dy, mean, inv,
+            cpu=partial(_checked_centered_sum, v),
+            default=partial(_centered_sum, v),
+        )
+    else:
+        sum_dy_xc = jnp.sum(jnp.where(valid, dyf * (xv + v.bcast(-mean)), 0), axis=v.red)
+    sum_dy = v.fold_sum(col_dy)
+    sum_dy_xhat = v.fold_sum(sum_dy_xc) * inv
     g_mean = dmom.mean.astype(sd)
     g_var = dmom.var.astype(inv.dtype)
     # Under a typed shard_map (check_vma=True) the returned statistics are
@@ -209,6 +223,35 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
     dscale = _param_grad(sum_dy_xhat, tot_dy_xhat, scale, cfg.axis_name, typed)
     dbias = _param_grad(sum_dy, tot_dy, bias, cfg.axis_name, typed)
     return dx.astype(x.dtype), dscale, dbias, None
+
+
+def _centered_sum(v, dyf, xv, col_dy, mean, inv):
+    """Per-column ``sum(dy * (x - mu))`` (dy and x seen through the View ``v``).
+
+    ``x + (-mu)`` keeps its broadcast apart from the ``x - mu`` of dx, so XLA
+    fuses each into its consumer instead of materializing a full-size x - mu.
+    """
+    del col_dy, inv
+    return jnp.sum(dyf * (xv + v.bcast(-mean)), axis=v.red)
+
+
+def _checked_centered_sum(v, dyf, xv, col_dy, mean, inv):
+    """:func:`_centered_sum` as ``sum(dy * x) - mu * sum(dy)`` where that is accurate.
+
+    XLA:CPU reads ``dy * x`` at full memory speed but slows down on a broadcast
+    operand such as ``x - mu``. The uncentered form loses about ``|mu| * s``
+    rounding units of ``sum(dy * xhat)``; with ``|mu|^2 <= WELL_CONDITIONED *
+    (var + eps)`` for every feature that is as accurate as the forward's
+    statistics (see ``jaxbn._stats.WELL_CONDITIONED``); otherwise a ``lax.cond``
+    takes the centered sum.
+    """
+    ok = jnp.all(abs_sq(mean * inv) <= WELL_CONDITIONED)
+    mean_col = jnp.squeeze(v.bcast(mean), v.red)
+
+    def uncentered():
+        return jnp.sum(dyf * xv, axis=v.red) - mean_col * col_dy
+
+    return lax.cond(ok, uncentered, lambda: _centered_sum(v, dyf, xv, col_dy, mean, inv))
 
 
 def _varying(t) -> frozenset:

@@ -19,6 +19,7 @@ collective per call whatever the axis names or groups, and it works under
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -154,6 +155,61 @@ def _first_row(xv: jax.Array, red: tuple[int, ...]) -> jax.Array:
     return xv[idx]
 
 
+#: The one-pass sums are used as they are while ``|mean|^2 <= WELL_CONDITIONED * var``
+#: for every column: their variance then carries at most ``1 + WELL_CONDITIONED``
+#: times the rounding error of a sum of squared deviations, which is what the
+#: shifted formula carries when its shift lies 3 standard deviations from the mean.
+WELL_CONDITIONED = 8.0
+
+
+def _plain_sums(xv, red, size):
+    """One read of x per sum: ``(mean, E[x^2] - E[x]^2 scaled to M2, sum(|x|^2))``."""
+    s2 = jnp.sum(abs_sq(xv), axis=red)
+    mean = jnp.sum(xv, axis=red) / size
+    return mean, jnp.maximum(s2 - size * abs_sq(mean), 0), s2
+
+
+def _shifted_moments(xv, *, red, size):
+    """``(mean, M2)`` from data shifted by the first element K of each column.
+
+    ``sum(x-K)`` and ``sum(|x-K|^2)`` each need one read of x and the
+    cancellation error is ``eps * |K-mean|^2 / var`` instead of
+    ``eps * mean^2 / var``. The two sums must not share a full-size
+    intermediate (not even the broadcast shift): a shared one is materialized,
+    costing a write and two reads. Hence ``x - K`` in one and ``x + (-K)``
+    (equal bit for bit) in the other.
+    """
+    k = _first_row(xv, red)
+    s1 = jnp.sum(xv - k, axis=red)
+    s2 = jnp.sum(abs_sq(xv + (-k)), axis=red)
+    mean_d = s1 / size
+    return mean_d + jnp.squeeze(k, red), jnp.maximum(s2 - size * abs_sq(mean_d), 0)
+
+
+def _checked_moments(xv, *, red, size):
+    """``(mean, M2)`` from the plain sums, redone in two passes only where they would lose accuracy.
+
+    XLA:CPU reduces ``x`` at full memory speed but ``x - K`` (any broadcast
+    operand) at half of it, so on CPU the shifted sums cost twice the plain
+    ones. The plain sums are exact enough when every column has
+    ``|mean|^2 <= WELL_CONDITIONED * var`` (``sum|x|^2`` then exceeds ``M2``
+    at most ``1 + WELL_CONDITIONED`` times); otherwise (a large offset, constant
+    data, a NaN) a ``lax.cond`` computes ``sum(x - mean)`` and
+    ``sum(|x - mean|^2)`` from the one-pass mean, which is exact to the
+    rounding of the data. The branch not taken costs nothing at run time.
+    """
+    mean, m2, s2 = _plain_sums(xv, red, size)
+    ok = jnp.all(s2 <= (1 + WELL_CONDITIONED) * m2)
+
+    def two_pass(mean, m2):
+        c = jnp.expand_dims(mean, red)
+        r = jnp.sum(xv - c, axis=red)
+        q = jnp.sum(abs_sq(xv + (-c)), axis=red)
+        return mean + r / size, jnp.maximum(q - abs_sq(r) / size, 0)
+
+    return lax.cond(ok, lambda mean, m2: (mean, m2), two_pass, mean, m2)
+
+
 def _merge_columns(v: View, n, mean, m2):
     """Chan's merge of the k columns of each feature into per-feature (count, mean, M2)."""
     n, mean, m2 = v.columns(n), v.columns(mean), v.columns(m2)
@@ -175,21 +231,15 @@ def local_moments(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns this device's ``(count, mean, M2)``, reduced over ``red``, in ``dtype``.
 
-    Without a mask the default is a *shifted* one-pass formula: the data are
-    shifted by the first element K of each column of the :class:`View`, so
-    ``sum(x-K)`` and ``sum(|x-K|^2)`` each need one read of x and the
-    cancellation error is ``eps * |K-mean|^2 / var`` instead of
-    ``eps * mean^2 / var``; columns are then merged per feature (Chan). With a
-    mask the mean is taken first (two passes) so that no masked value can act
-    as a shift; so is it when a reduction axis is explicitly sharded (jax's
-    explicit meshes cannot slice it). ``fast_variance=True`` is the plain
-    one-pass ``E[x^2] - E[x]^2``.
-
-    Performance: the two sums are written so that XLA gives each its own fused
-    read of x. They must not share a full-size intermediate (not even the
-    broadcast shift): a shared one is materialized, costing a write and two
-    reads of a full-size buffer. Hence ``x - K`` in one and ``x + (-K)`` (equal
-    bit for bit) in the other.
+    Without a mask the default reads x once per sum and stays exact whatever
+    the offset of the data: on CPU the plain sums, checked and redone centered
+    where they would cancel (:func:`_checked_moments`); elsewhere sums of data
+    shifted by a value near the mean (:func:`_shifted_moments`). Columns of
+    the :class:`View` are then merged per feature (Chan). With a mask the mean
+    is taken first (two passes) so that no masked value can act as a shift; so
+    is it when a reduction axis is explicitly sharded (jax's explicit meshes
+    cannot slice it). ``fast_variance=True`` is the plain one-pass
+    ``E[x^2] - E[x]^2``.
     """
     rdtype = _checks.real_dtype(dtype)
     fshape = tuple(d for i, d in enumerate(x.shape) if i not in red)
@@ -210,17 +260,13 @@ def local_moments(
     if mask is None:
         n = jnp.full(cshape, size, rdtype)
         if fast_variance:
-            s1 = jnp.sum(xv, axis=v.red)
-            s2 = jnp.sum(abs_sq(xv), axis=v.red)
-            shift = None
+            mean, m2, _ = _plain_sums(xv, v.red, size)
         else:
-            k = _first_row(xv, v.red)
-            s1 = jnp.sum(xv - k, axis=v.red)
-            s2 = jnp.sum(abs_sq(xv + (-k)), axis=v.red)
-            shift = jnp.squeeze(k, v.red)
-        mean_d = s1 / size
-        m2 = jnp.maximum(s2 - size * abs_sq(mean_d), 0)
-        mean = mean_d if shift is None else mean_d + shift
+            mean, m2 = lax.platform_dependent(
+                xv,
+                cpu=partial(_checked_moments, red=v.red, size=size),
+                default=partial(_shifted_moments, red=v.red, size=size),
+            )
         return _merge_columns(v, n, mean, m2)
 
     valid = v.of(jnp.broadcast_to(jnp.asarray(mask, bool), x.shape))

@@ -1,6 +1,7 @@
 """Pure functions: forward against NumPy, hand-derived backward against autodiff, numerics, errors."""
 
 import contextlib
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -106,10 +107,11 @@ def _loss(y, mean, var, w, mask=None):
 
 @pytest.mark.parametrize("shape,axis,features", SHAPES)
 @pytest.mark.parametrize("masked", [False, True])
-def test_custom_backward_equals_autodiff_of_reference(shape, axis, features, masked):
+@pytest.mark.parametrize("loc", [1.0, 1e3])  # the plain and the centered sums (see OFFSETS)
+def test_custom_backward_equals_autodiff_of_reference(shape, axis, features, masked, loc):
     with x64():
         rng = np.random.default_rng(2)
-        x = jnp.asarray(rng.normal(1.0, 2.0, shape))
+        x = jnp.asarray(rng.normal(loc, 2.0, shape))
         w = jnp.asarray(rng.normal(size=shape))
         fshape = tuple(shape[a] for a in features)
         scale = jnp.asarray(rng.uniform(0.5, 2, fshape))
@@ -170,6 +172,74 @@ def test_variance_stable_when_mean_dominates():
     # The one-pass formula (flax's default) is far off here; ours only when asked.
     fast = jaxbn.moments(x, fast_variance=True).var
     assert np.max(np.abs(fast / true_var - 1)) > 1e-2
+
+
+def _np_fwdbwd(x, w, eps=1e-5):
+    """float64 NumPy training-mode statistics and gradients of sum(y * w) (scale 1, bias 0)."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    m = x.shape[0]
+    mean, var = x.mean(0), x.var(0)
+    s = 1 / np.sqrt(var + eps)
+    xhat = (x - mean) * s
+    dbias, dscale = w.sum(0), (w * xhat).sum(0)
+    return mean, var, s * (w - dbias / m - xhat * dscale / m), dscale, dbias
+
+
+# Offsets in standard deviations, on both sides of the |mean|^2 <= 8 var line where
+# the CPU kernels switch from the plain sums to the centered ones.
+OFFSETS = [0.0, 2.5, 3.5, 30.0, 1e3]
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
+
+
+def _offset_problem(offset):
+    rng = np.random.default_rng(5)
+    # Per-feature offsets around `offset`, one feature exactly centered.
+    shift = offset * np.array([1.0, -1.0, 0.9, 1.1, 0.0, 1.0, -0.95, 1.05])
+    x = (rng.standard_normal((8192, 8)) + shift).astype(np.float32)
+    w = rng.standard_normal((8192, 8)).astype(np.float32)
+    # float32 holds x only to eps * |x|: error growing with the offset is the data's,
+    # but 10x less than the uncentered sums lose (2.6e-4 at offset 1e3, 1e-5 at 30).
+    tol = 1e-6 + 1e-7 * offset
+    return x, w, tol
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_float32_statistics_and_gradients_accurate_at_any_offset(offset):
+    x, w, tol = _offset_problem(offset)
+    mean, var, dx, dscale, dbias = _np_fwdbwd(x, w)
+
+    def loss(x, s, b):
+        y, mom = jaxbn.batch_norm(x, s, b)
+        return jnp.sum(y * w), mom
+
+    (gx, gs, gb), mom = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(x, jnp.ones(8), jnp.zeros(8))
+    assert _rel(mom.var, var) < 3e-6  # the variance is exact whatever the offset
+    tol = 2 * tol  # the float32 mean's own rounding enters the gradients too
+    assert np.max(np.abs(np.asarray(mom.mean, np.float64) - mean)) < tol
+    assert _rel(gx, dx) < tol and _rel(gs, dscale) < tol and _rel(gb, dbias) < 3e-6
+    assert _rel(jaxbn.moments(x).var, var) < 3e-6
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_every_platforms_kernels_accurate_at_any_offset(offset):
+    """CPU runs the checked sums, other platforms the shifted and centered ones: both are exact."""
+    from jaxbn import _ops, _stats
+
+    x, w, tol = _offset_problem(offset)
+    mean, var, _, dscale, _ = _np_fwdbwd(x, w)
+    v = _stats.View(x.shape, (0,), 1, (8,))  # the kernels on x itself, one column per feature
+    for kernel in (_stats._checked_moments, _stats._shifted_moments):
+        got_mean, m2 = jax.jit(partial(kernel, red=v.red, size=x.shape[0]))(x)
+        assert _rel(m2 / x.shape[0], var) < 3e-6, kernel.__name__
+        assert np.max(np.abs(np.asarray(got_mean, np.float64) - mean)) < tol, kernel.__name__
+    inv = (1 / np.sqrt(var + 1e-5)).astype(np.float32)
+    col_dy = jnp.sum(w, 0)
+    for kernel in (_ops._checked_centered_sum, _ops._centered_sum):
+        got = jax.jit(partial(kernel, v))(w, x, col_dy, mean.astype(np.float32), inv) * inv
+        assert _rel(got, dscale) < tol, kernel.__name__
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
