@@ -63,6 +63,36 @@ def interleave(
     return times
 
 
+def keep_freed_memory() -> dict[str, Any]:
+    """Asks glibc's malloc to keep freed buffers instead of returning them to the OS.
+
+    Every call of a compiled program allocates fresh output buffers. By default
+    glibc adapts its thresholds to the allocation history of the process, and
+    in some histories it unmaps or trims freed buffers, so that every later
+    call faults in the pages of its outputs anew (about 6,000 minor faults per
+    25 MiB output, several milliseconds) and the timings of every contender
+    depend on what ran before. Fixed thresholds (the largest mmap threshold
+    glibc accepts, 32 MiB, no trimming) make freed buffers reusable; the page
+    faults per call are still measured and reported. Returns what was set
+    (empty where the C library is not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    settings = {"M_TRIM_THRESHOLD": (-1, 2**31 - 1), "M_TOP_PAD": (-2, 64 * 2**20), "M_MMAP_THRESHOLD": (-3, 32 * 2**20)}
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return {}
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    done = {}
+    for name, (param, value) in settings.items():
+        if mallopt(param, value) == 1:
+            done[name] = value
+    return done
+
+
 def page_faults_per_call(fn: Callable[[], Any], calls: int = 5) -> float:
     """Minor page faults of this process per call of ``fn`` (fresh memory being touched)."""
     import resource
@@ -145,34 +175,81 @@ def entry_computation(hlo_text: str) -> str:
     return hlo_text[i + 1 :] if i >= 0 else hlo_text
 
 
+def computations(hlo_text: str) -> dict[str, list[str]]:
+    """Every computation of an HLO module by name (the entry one as ``"ENTRY"``), as lines."""
+    comps: dict[str, list[str]] = {}
+    name = None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(ENTRY )?%(\S+) .*\{\s*$", line)
+        if head:
+            name = "ENTRY" if head.group(1) else head.group(2)
+            comps[name] = [line]
+        elif name is not None:
+            comps[name].append(line)
+            if line.startswith("}"):
+                name = None
+    return comps
+
+
 def hlo_traffic(hlo_text: str, nbytes: int) -> dict[str, float]:
     """Estimates the full-size passes of a compiled program over a tensor of ``nbytes``.
 
     Every top-level instruction of the entry computation (fusion, custom call,
     copy, ...) that reads or writes a buffer of at least ``nbytes / 2`` counts
     each such operand and its result once. Loop fusions with a small result
-    (slices, small reductions of a few rows) are not counted. The result is
-    the number of full-size buffers moved, ``passes``, and the number of
-    ``kernels`` that touch them.
+    (slices, small reductions of a few rows) are not counted. A ``conditional``
+    runs one of its branches, which are counted the same way: ``passes`` and
+    ``kernels`` take the branch with the least traffic, ``passes_max`` and
+    ``kernels_max`` the one with the most (what the data decide at run time).
+    The result is the number of full-size buffers moved and the number of
+    kernels that touch them.
     """
-    size: dict[str, int] = {}
-    moved, kernels = 0, 0
-    for line in entry_computation(hlo_text).splitlines()[1:]:
-        m = _INSTR.match(re.sub(r"/\*[^*]*\*/", "", line))
-        if not m:
-            continue
-        name, ty, op, operands = m.groups()
-        size[name] = _shape_bytes(ty)
-        if op in _FREE:
-            continue
-        if "kind=kLoop" in line and size[name] < nbytes // 2:
-            continue
-        io = [size[name]] + [size.get(o.strip().lstrip("%"), 0) for o in operands.split(",")]
-        io = [b for b in io if b >= nbytes // 2]
-        if io:
-            kernels += 1
-            moved += sum(io)
-    return {"passes": round(moved / nbytes, 2), "kernels": kernels}
+    comps = computations(hlo_text)
+
+    def walk(lines: list[str]) -> tuple[float, float, int, int]:
+        size: dict[str, int] = {}
+        lo = hi = 0.0
+        k_lo = k_hi = 0
+        for line in lines[1:]:
+            m = _INSTR.match(re.sub(r"/\*[^*]*\*/", "", line))
+            if not m:
+                continue
+            name, ty, op, operands = m.groups()
+            size[name] = _shape_bytes(ty)
+            if op == "conditional":
+                branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+                names = [b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches else []
+                for key in ("true_computation", "false_computation"):
+                    t = re.search(key + r"=%?([\w.-]+)", line)
+                    if t:
+                        names.append(t.group(1))
+                costs = [walk(comps[b]) for b in names if b in comps]
+                if costs:
+                    lo += min(c[0] for c in costs)
+                    k_lo += min(c[2] for c in costs)
+                    hi += max(c[1] for c in costs)
+                    k_hi += max(c[3] for c in costs)
+                continue
+            if op in _FREE:
+                continue
+            if "kind=kLoop" in line and size[name] < nbytes // 2:
+                continue
+            io = [size[name]] + [size.get(o.strip().lstrip("%"), 0) for o in operands.split(",")]
+            io = [b for b in io if b >= nbytes // 2]
+            if io:
+                lo += sum(io)
+                hi += sum(io)
+                k_lo += 1
+                k_hi += 1
+        return lo, hi, k_lo, k_hi
+
+    lo, hi, k_lo, k_hi = walk(comps.get("ENTRY") or entry_computation(hlo_text).splitlines())
+    return {
+        "passes": round(lo / nbytes, 2),
+        "kernels": k_lo,
+        "passes_max": round(hi / nbytes, 2),
+        "kernels_max": k_hi,
+    }
 
 
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")

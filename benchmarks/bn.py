@@ -126,6 +126,14 @@ def check_and_time(rep, where, cons, ref, x, budget):
     return fns, times, {k: H.median_us(v) for k, v in times.items()}
 
 
+def passes_str(h: dict) -> str:
+    """``passes / kernels``, with the costlier branch of any conditional in brackets."""
+    out = f"{h['passes']:g} / {h['kernels']}"
+    if (h.get("passes_max"), h.get("kernels_max")) != (h["passes"], h["kernels"]):
+        out += f" ({h['passes_max']:g} / {h['kernels_max']})"
+    return out
+
+
 def shape_str(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
@@ -463,7 +471,7 @@ def render(rep: Report) -> str:
         for e in d["fwdbwd"]:
             rows.append(
                 [shape_str(e["shape"])]
-                + [f"{e['hlo'][n]['passes']:g} / {e['hlo'][n]['kernels']}" if n in e["hlo"] else "-" for n in jnames]
+                + [passes_str(e["hlo"][n]) if n in e["hlo"] else "-" for n in jnames]
                 + [f"{e['temp_bytes'][n] / 2**20:.2f} MiB" if n in e["temp_bytes"] else "-" for n in jnames]
             )
         for row, e in zip(rows, d["fwdbwd"]):
@@ -477,7 +485,8 @@ def render(rep: Report) -> str:
         )
         parts.append(
             "Compiled fwd+bwd: full-size buffers read or written (in tensor sizes; the floor is 8) / "
-            "kernels touching them, and compiled temporary memory:\n\n" + table(header, rows)
+            "kernels touching them (in brackets: when a run-time branch takes its costlier side, "
+            "see BENCHMARKS.md), and compiled temporary memory:\n\n" + table(header, rows)
         )
     if d.get("infer"):
         names = [n for n in ("jaxbn.normalize", JAXBN_MOD, FLAX, TORCH) if any(n in e["times_us"] for e in d["infer"])]
@@ -594,6 +603,7 @@ def main(argv=None) -> int:
 
     rep = Report()
     rep.data["machine"] = H.machine_info()
+    rep.data["machine"]["malloc"] = H.keep_freed_memory()
     if C.torch_available():
         import torch
 

@@ -95,3 +95,23 @@ def test_torch_is_optional():
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_hlo_traffic_counts_the_branches_of_a_conditional():
+    """The pass counter reads a conditional's branches: the cheap and the costly side are both reported."""
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import _harness
+
+    def f(x):
+        plain = x * 2  # one read of x, one write
+        small = jax.lax.cond(x[0, 0] > 0, lambda: jnp.zeros(64), lambda: jnp.sum(x * x, axis=0))
+        return plain, small
+
+    x = jnp.ones((4096, 64), jnp.float32)
+    text = jax.jit(f).lower(x).compile().as_text()
+    t = _harness.hlo_traffic(text, x.nbytes)
+    assert (t["passes"], t["kernels"]) == (2, 1)
+    assert (t["passes_max"], t["kernels_max"]) == (3, 2)
