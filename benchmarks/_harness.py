@@ -1,8 +1,10 @@
 """Measurement machinery shared by the benchmark scripts (no contender lives here).
 
 * :func:`interleave` times several zero-argument callables in rounds, each round
-  calling every contender once in a rotating order, so that slow drifts of the
-  machine (other processes, frequency changes) hit all contenders alike.
+  calling every contender once in a fresh random order, so that slow drifts of
+  the machine (other processes, frequency changes) hit all contenders alike and
+  no contender always runs right after the same other one (torch's worker
+  threads, say, or a cache-evicting neighbour).
 * :func:`copy_bandwidth` measures the copy bandwidth that defines the memory floor.
 * :func:`hlo_traffic` and :func:`count_collectives` read a compiled XLA program.
 """
@@ -40,8 +42,8 @@ def interleave(
 
     Every callable must itself wait for its result (``block_until_ready``).
     After ``warmup`` untimed calls each, rounds run until ``budget_s`` has been
-    spent (at least ``min_rounds``, at most ``max_rounds``). Round ``r`` visits
-    the contenders starting at index ``r % n``.
+    spent (at least ``min_rounds``, at most ``max_rounds``). Each round visits
+    the contenders in a random order (a fixed seed, so runs are repeatable).
 
     Returns:
       name -> list of per-call times in seconds.
@@ -51,11 +53,12 @@ def interleave(
         for _ in range(warmup):
             fns[name]()
     times: dict[str, list[float]] = {n: [] for n in names}
+    rng = np.random.default_rng(0)
     start = time.perf_counter()
     r = 0
     while r < max_rounds and (r < min_rounds or time.perf_counter() - start < budget_s):
-        for i in range(len(names)):
-            name = names[(r + i) % len(names)]
+        for i in rng.permutation(len(names)):
+            name = names[i]
             t0 = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t0)

@@ -4,7 +4,7 @@
     python benchmarks/bn.py --quick    # smoke run (small shapes, few repeats), CI
 
 Everything runs in this process on one CPU device, interleaving the contenders
-(each round calls every contender once, in rotating order), after warm-up
+(each round calls every contender once, in a fresh random order), after warm-up
 calls, timing each call up to ``block_until_ready`` and reporting medians.
 The 8-device part (sync) runs in a subprocess. Sections:
 
@@ -16,6 +16,8 @@ fwdbwd     training-mode forward + backward: ``jax.grad`` of ``sum(y * w)`` w.r.
            temporary memory of each JAX contender.
 infer      inference mode (running statistics).
 fold       Conv + BN against the BN folded into the Conv, and the Conv alone.
+reduce     XLA's per-feature sums with and without a broadcast operand (why
+           jaxbn's CPU kernels use plain sums).
 lenet      the LeNet + BN training step of the lenet_bn config (batch 64).
 sync       jaxbn vs flax under ``axis_name`` on 8 virtual devices (subprocess).
 
@@ -281,10 +283,55 @@ def section_fold(rep: Report, spec, budget: float) -> None:
     }
 
 
-def section_lenet(rep: Report, epochs: int, steps: int) -> None:
+REDUCE_FULL = (100352, 64)  # (32, 56, 56, 64) as the kernels see it
+REDUCE_QUICK = (4096, 64)
+
+
+def section_reduce(rep: Report, shape, budget: float) -> None:
+    """Per-feature sums over the rows of a matrix, with and without a broadcast operand.
+
+    Why jaxbn's CPU kernels use the plain sums: XLA:CPU reduces ``x``,
+    ``x * x`` and ``dy * x`` at memory speed, but ``x - k`` (a per-feature
+    vector broadcast over the rows) at a fraction of it.
+    """
+    print(f"reduce {shape_str(shape)} ...", flush=True)
+    rng = np.random.default_rng(0)
+    x = jax.numpy.asarray((rng.standard_normal(shape) * 2 + 0.5).astype(np.float32))
+    dy = jax.numpy.asarray(rng.standard_normal(shape).astype(np.float32))
+    k = x[0]
+    jnp = jax.numpy
+    programs = {
+        "sum(x)": (lambda x, dy, k: jnp.sum(x, 0), "x"),
+        "sum(x - k)": (lambda x, dy, k: jnp.sum(x - k, 0), "x"),
+        "sum(x * x)": (lambda x, dy, k: jnp.sum(x * x, 0), "x"),
+        "sum((x - k)^2)": (lambda x, dy, k: jnp.sum((x - k) ** 2, 0), "x"),
+        "sum(dy * x)": (lambda x, dy, k: jnp.sum(dy * x, 0), "x, dy"),
+        "sum(dy * (x - k))": (lambda x, dy, k: jnp.sum(dy * (x - k), 0), "x, dy"),
+        "x + 1 (copy)": (lambda x, dy, k: x + 1, "x -> out"),
+    }
+    fns = {}
+    for name, (f, _) in programs.items():
+        compiled = jax.jit(f).lower(x, dy, k).compile()
+        fns[name] = lambda c=compiled: H.block(c(x, dy, k))
+    times = H.interleave(fns, warmup=2, min_rounds=5, max_rounds=300, budget_s=budget)
+    med = {name: H.median_us(v) for name, v in times.items()}
+    nbytes = x.nbytes
+    moved = {name: nbytes * (2 if "dy" in reads or "out" in reads else 1) for name, (_, reads) in programs.items()}
+    rep.data["reduce"] = {
+        "shape": list(shape),
+        "times_us": med,
+        "reads": {name: reads for name, (_, reads) in programs.items()},
+        "GBps": {name: moved[name] / (med[name] * 1e-6) / 1e9 for name in med},
+        "rounds": len(times["sum(x)"]),
+    }
+
+
+def section_lenet(rep: Report, rounds: int, steps: int) -> None:
+    """Step time of the three networks: ``rounds`` interleaved rounds of ``steps`` steps each
+    (many short rounds, so that drifts of the machine cancel out of the BN cost)."""
     import _lenet
 
-    print(f"lenet: {epochs} x {steps} steps per contender ...", flush=True)
+    print(f"lenet: {rounds} x {steps} steps per contender ...", flush=True)
     trainers, losses = {}, {}
     for norm, name in (("jaxbn", JAXBN_MOD), ("flax", FLAX), ("none", "no BN")):
         try:
@@ -298,15 +345,15 @@ def section_lenet(rep: Report, epochs: int, steps: int) -> None:
     times = H.interleave(
         {k: (lambda t=t: t["run_steps"](steps)) for k, t in trainers.items()},
         warmup=0,
-        min_rounds=epochs,
-        max_rounds=epochs,
+        min_rounds=rounds,
+        max_rounds=rounds,
         budget_s=0,
     )
     step_us = {k: H.median_us(v) / steps for k, v in times.items()}
     out = {
         "steps_per_epoch": _lenet.STEPS_PER_EPOCH,
         "timed_steps": steps,
-        "rounds": epochs,
+        "rounds": rounds,
         "model": next(iter(trainers.values()))["source"] if trainers else None,
         "step_us": step_us,
         "epoch_s": {k: v * _lenet.STEPS_PER_EPOCH / 1e6 for k, v in step_us.items()},
@@ -314,7 +361,13 @@ def section_lenet(rep: Report, epochs: int, steps: int) -> None:
     }
     if "no BN" in step_us:
         none = step_us["no BN"]
-        out["bn_cost_us"] = {k: v - none for k, v in step_us.items() if k != "no BN"}
+        # Paired per round (both timed in the same round, seconds apart), then the
+        # median: slow drifts of the machine cancel out of the difference.
+        out["bn_cost_us"] = {
+            k: H.median_us([a - b for a, b in zip(times[k], times["no BN"])]) / steps
+            for k in step_us
+            if k != "no BN"
+        }
         out["over_no_bn"] = {k: v / none for k, v in step_us.items() if k != "no BN"}
         if JAXBN_MOD in out["bn_cost_us"] and FLAX in out["bn_cost_us"] and out["bn_cost_us"][FLAX] > 0:
             out["bn_cost_jaxbn_over_flax"] = out["bn_cost_us"][JAXBN_MOD] / out["bn_cost_us"][FLAX]
@@ -516,6 +569,14 @@ def render(rep: Report) -> str:
             f"Conv 3x3 {shape_str(f['input_shape'])} -> {f['features']} channels, inference:\n\n"
             + table(["model", "time", "/ Conv alone (with bias)", "/ Conv alone (no bias)"], rows)
         )
+    if d.get("reduce"):
+        r = d["reduce"]
+        rows = [[k, r["reads"][k], fmt_us(v), f"{r['GBps'][k]:.1f} GB/s"] for k, v in r["times_us"].items()]
+        parts.append(
+            f"XLA:CPU reductions over the rows of a {shape_str(r['shape'])} float32 matrix "
+            "(k: a per-feature vector broadcast over the rows):\n\n"
+            + table(["program", "full-size buffers", "time", "bandwidth"], rows)
+        )
     if d.get("lenet"):
         ln = d["lenet"]
         rows = []
@@ -532,7 +593,7 @@ def render(rep: Report) -> str:
         parts.append(
             f"LeNet + BN training step (batch 64, {ln['steps_per_epoch']} steps per epoch; "
             f"{ln['rounds']} rounds of {ln['timed_steps']} steps; model {ln['model']}):\n\n"
-            + table(["BN", "step", "epoch", "BN cost (step - no-BN step)", "/ no BN"], rows)
+            + table(["BN", "step", "epoch", "BN cost (median of per-round step - no-BN step)", "/ no BN"], rows)
             + (
                 f"\n\nBN cost, jaxbn / flax: {fmt_x(ln['bn_cost_jaxbn_over_flax'])}"
                 if "bn_cost_jaxbn_over_flax" in ln
@@ -585,8 +646,8 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", help="also write the tables to this file")
     ap.add_argument(
         "--sections",
-        default="fwdbwd,infer,fold,lenet,sync",
-        help="comma-separated subset of fwdbwd,infer,fold,lenet,sync",
+        default="fwdbwd,infer,fold,reduce,lenet,sync",
+        help="comma-separated subset of fwdbwd,infer,fold,reduce,lenet,sync",
     )
     ap.add_argument("--shapes", help="override the shapes, e.g. 64x120,32x56x56x64")
     ap.add_argument("--budget", type=float, help="seconds of timing per shape and section")
@@ -629,7 +690,8 @@ def main(argv=None) -> int:
         "fwdbwd": lambda: section_fwdbwd(rep, shapes, budget, with_torch),
         "infer": lambda: section_infer(rep, shapes, budget / 2, with_torch),
         "fold": lambda: section_fold(rep, FOLD_QUICK if quick else FOLD_FULL, budget / 2),
-        "lenet": lambda: section_lenet(rep, epochs=2 if quick else 5, steps=10 if quick else 750),
+        "reduce": lambda: section_reduce(rep, REDUCE_QUICK if quick else REDUCE_FULL, budget / 2),
+        "lenet": lambda: section_lenet(rep, rounds=2 if quick else 100, steps=10 if quick else 40),
         "sync": lambda: section_sync(rep, SYNC_QUICK if quick else SYNC_FULL, 0.3 if quick else 3.0),
     }
     rep.data["section_s"] = {}

@@ -65,6 +65,7 @@ def test_quick_benchmark_has_every_contender(quick_run):
         assert {"jaxbn.normalize", "jaxbn.BatchNorm", "flax.linen.BatchNorm"} <= set(entry["times_us"])
     assert {"Conv+jaxbn.BatchNorm", "Conv+flax.linen.BatchNorm", "folded Conv (jaxbn.fold_batch_norm)",
             "Conv alone (no bias)", "Conv alone (with bias)"} <= set(data["fold"]["times_us"])
+    assert {"sum(x)", "sum(x - k)", "sum(dy * x)", "sum(dy * (x - k))"} <= set(data["reduce"]["times_us"])
     assert {"jaxbn.BatchNorm", "flax.linen.BatchNorm", "no BN"} <= set(data["lenet"]["step_us"])
     sync = data["sync"]
     assert sync["devices"] == 8 and sync["shapes"]
