@@ -294,12 +294,12 @@ def section_reduce(rep: Report, shape, budget: float) -> None:
     ``x * x`` and ``dy * x`` at memory speed, but ``x - k`` (a per-feature
     vector broadcast over the rows) at a fraction of it.
     """
+    jnp = jax.numpy
     print(f"reduce {shape_str(shape)} ...", flush=True)
     rng = np.random.default_rng(0)
-    x = jax.numpy.asarray((rng.standard_normal(shape) * 2 + 0.5).astype(np.float32))
-    dy = jax.numpy.asarray(rng.standard_normal(shape).astype(np.float32))
+    x = jnp.asarray((rng.standard_normal(shape) * 2 + 0.5).astype(np.float32))
+    dy = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
     k = x[0]
-    jnp = jax.numpy
     programs = {
         "sum(x)": (lambda x, dy, k: jnp.sum(x, 0), "x"),
         "sum(x - k)": (lambda x, dy, k: jnp.sum(x - k, 0), "x"),
