@@ -18,6 +18,8 @@ infer      inference mode (running statistics).
 fold       Conv + BN against the BN folded into the Conv, and the Conv alone.
 reduce     XLA's per-feature sums with and without a broadcast operand (why
            jaxbn's CPU kernels use plain sums).
+chain      fwd+bwd of 4 layers of BN -> relu in a row (no conv between), jaxbn.BatchNorm
+           against flax.linen.BatchNorm: whether XLA recomputes earlier layers in later ones.
 lenet      the LeNet + BN training step of the lenet_bn config (batch 64).
 sync       jaxbn vs flax under ``axis_name`` on 8 virtual devices (subprocess).
 
@@ -66,6 +68,9 @@ QUICK_SHAPES = [(64, 8, 8, 16), (64, 120)]
 LARGE_SHAPES = [(128, 28, 28, 32), (32, 56, 56, 64)]  # larger than the caches: the floor targets
 FOLD_FULL = ((32, 28, 28, 16), 32)
 FOLD_QUICK = ((8, 12, 12, 8), 16)
+CHAIN_FULL = [(64, 24, 24, 6), (128, 28, 28, 32)]
+CHAIN_QUICK = [(16, 8, 8, 6), (16, 8, 8, 32)]
+CHAIN_DEPTH = 4
 SYNC_FULL = ["64x28x28x32", "1024x512"]
 SYNC_QUICK = ["16x8x8x16"]
 
@@ -326,6 +331,55 @@ def section_reduce(rep: Report, shape, budget: float) -> None:
     }
 
 
+def section_chain(rep: Report, shapes, depth: int, budget: float) -> None:
+    """``depth`` layers of BN -> relu applied in a row: ``jax.grad`` of ``sum(out * w)`` w.r.t. x and the BN parameters.
+
+    Between two BN layers there is only an elementwise op, so XLA may fuse a
+    layer's output computation into every consumer in the next layer (and
+    recompute it there); this measures how much that costs each module. Both
+    modules are checked against each other.
+    """
+    import flax.linen as nn
+
+    import jaxbn
+
+    jnp = jax.numpy
+    out = []
+    for shape in shapes:
+        print(f"chain {shape_str(shape)} x {depth} ...", flush=True)
+        where = f"chain {shape_str(shape)}"
+        p = C.problem(shape)
+        x, w = jnp.asarray(p["x"]), jnp.asarray(p["w"])
+        fns, results, hlo = {}, {}, {}
+        for name, module in ((JAXBN_MOD, jaxbn.BatchNorm), (FLAX, nn.BatchNorm)):
+            try:
+                bns = [module(use_running_average=False, epsilon=C.EPS) for _ in range(depth)]
+                vs = [bn.init(jax.random.key(i), x) for i, bn in enumerate(bns)]
+
+                def loss(x, vs, w, bns=bns):
+                    for bn, v in zip(bns, vs):
+                        x = jax.nn.relu(bn.apply(v, x, mutable=["batch_stats"])[0])
+                    return jnp.sum(x * w), x
+
+                compiled = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)).lower(x, vs, w).compile()
+                (dx, dvs), y = compiled(x, vs, w)
+                results[name] = {"y": np.asarray(y), "dx": np.asarray(dx),
+                                 "dscale": np.concatenate([np.asarray(v["params"]["scale"]) for v in dvs]),
+                                 "dbias": np.concatenate([np.asarray(v["params"]["bias"]) for v in dvs])}
+                hlo[name] = H.hlo_traffic(compiled.as_text(), x.nbytes)
+                fns[name] = lambda c=compiled, vs=vs: H.block(c(x, vs, w))
+            except Exception as e:  # noqa: BLE001
+                rep.error(f"{where} {name}", e)
+        if FLAX in results and JAXBN_MOD in results:
+            rep.agree(where, JAXBN_MOD, results[JAXBN_MOD], results[FLAX], TOL)
+        times = H.interleave(fns, warmup=2, min_rounds=5, max_rounds=300, budget_s=budget)
+        med = {k: H.median_us(v) for k, v in times.items()}
+        ratio = med[JAXBN_MOD] / med[FLAX] if {JAXBN_MOD, FLAX} <= med.keys() else None
+        out.append({"shape": list(shape), "depth": depth, "times_us": med, "hlo": hlo,
+                    "jaxbn_over_flax": ratio, "rounds": len(next(iter(times.values()), []))})
+    rep.data["chain"] = out
+
+
 def section_lenet(rep: Report, rounds: int, steps: int) -> None:
     """Step time of the three networks: ``rounds`` interleaved rounds of ``steps`` steps each
     (many short rounds, so that drifts of the machine cancel out of the BN cost)."""
@@ -577,6 +631,19 @@ def render(rep: Report) -> str:
             "(k: a per-feature vector broadcast over the rows):\n\n"
             + table(["program", "full-size buffers", "time", "bandwidth"], rows)
         )
+    if d.get("chain"):
+        rows = [
+            [shape_str(e["shape"]), str(e["depth"])]
+            + [fmt_us(e["times_us"].get(n)) for n in (JAXBN_MOD, FLAX)]
+            + [fmt_x(e["jaxbn_over_flax"])]
+            + [passes_str(e["hlo"][n]) if n in e["hlo"] else "-" for n in (JAXBN_MOD, FLAX)]
+            for e in d["chain"]
+        ]
+        parts.append(
+            "Layers of BN -> relu in a row, training-mode fwd+bwd, median time per call:\n\n"
+            + table(["shape", "layers", JAXBN_MOD, FLAX, "jaxbn / flax",
+                     f"{JAXBN_MOD} passes / kernels", f"{FLAX} passes / kernels"], rows)
+        )
     if d.get("lenet"):
         ln = d["lenet"]
         rows = []
@@ -646,8 +713,8 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", help="also write the tables to this file")
     ap.add_argument(
         "--sections",
-        default="fwdbwd,infer,fold,reduce,lenet,sync",
-        help="comma-separated subset of fwdbwd,infer,fold,reduce,lenet,sync",
+        default="fwdbwd,infer,fold,reduce,chain,lenet,sync",
+        help="comma-separated subset of fwdbwd,infer,fold,reduce,chain,lenet,sync",
     )
     ap.add_argument("--shapes", help="override the shapes, e.g. 64x120,32x56x56x64")
     ap.add_argument("--budget", type=float, help="seconds of timing per shape and section")
@@ -691,6 +758,7 @@ def main(argv=None) -> int:
         "infer": lambda: section_infer(rep, shapes, budget / 2, with_torch),
         "fold": lambda: section_fold(rep, FOLD_QUICK if quick else FOLD_FULL, budget / 2),
         "reduce": lambda: section_reduce(rep, REDUCE_QUICK if quick else REDUCE_FULL, budget / 2),
+        "chain": lambda: section_chain(rep, CHAIN_QUICK if quick else CHAIN_FULL, CHAIN_DEPTH, budget / 2),
         "lenet": lambda: section_lenet(rep, rounds=2 if quick else 100, steps=10 if quick else 40),
         "sync": lambda: section_sync(rep, SYNC_QUICK if quick else SYNC_FULL, 0.3 if quick else 3.0),
     }

@@ -45,7 +45,7 @@ def test_quick_benchmark_agreement(quick_run):
     checks = data["agreement"]
     assert checks and all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
     where = {c["where"].split()[0] for c in checks}
-    assert {"fwdbwd", "infer", "fold", "sync"} <= where
+    assert {"fwdbwd", "infer", "fold", "chain", "sync"} <= where
 
 
 def test_quick_benchmark_has_every_contender(quick_run):
@@ -66,6 +66,8 @@ def test_quick_benchmark_has_every_contender(quick_run):
     assert {"Conv+jaxbn.BatchNorm", "Conv+flax.linen.BatchNorm", "folded Conv (jaxbn.fold_batch_norm)",
             "Conv alone (no bias)", "Conv alone (with bias)"} <= set(data["fold"]["times_us"])
     assert {"sum(x)", "sum(x - k)", "sum(dy * x)", "sum(dy * (x - k))"} <= set(data["reduce"]["times_us"])
+    for entry in data["chain"]:
+        assert {"jaxbn.BatchNorm", "flax.linen.BatchNorm"} <= set(entry["times_us"])
     assert {"jaxbn.BatchNorm", "flax.linen.BatchNorm", "no BN"} <= set(data["lenet"]["step_us"])
     sync = data["sync"]
     assert sync["devices"] == 8 and sync["shapes"]

@@ -436,15 +436,18 @@ def test_compare_rejects_configs_on_different_data(tmp_path):
 # The recipe's RMSprop (epsilon 1e-7 outside the square root) turns rounding-order
 # differences in near-zero gradients into steps of up to ~learning_rate, so exact
 # agreement is checked with SGD (rounding-sized differences stay rounding-sized)
-# and the recipe's own optimizer with a tolerance of a fraction of one step.
+# and the recipe's own optimizer with a tolerance of a fraction of one step
+# (learning rate 1e-3) on the parameters. The running statistics are averages of
+# activations computed with those parameters, so there the tolerance also
+# scales with the activations (stats_rtol).
 DP_CASES = [
-    pytest.param({"optimizer": "sgd", "learning_rate": 0.1}, 1e-5, 1e-6, id="sgd"),
-    pytest.param({}, 0.0, 5e-4, id="rmsprop"),
+    pytest.param({"optimizer": "sgd", "learning_rate": 0.1}, 1e-5, 1e-6, 1e-5, id="sgd"),
+    pytest.param({}, 0.0, 5e-4, 2e-3, id="rmsprop"),
 ]
 
 
-@pytest.mark.parametrize("optimizer, rtol, atol", DP_CASES)
-def test_data_parallel_on_8_devices_matches_one_device(tmp_path, optimizer, rtol, atol):
+@pytest.mark.parametrize("optimizer, rtol, atol, stats_rtol", DP_CASES)
+def test_data_parallel_on_8_devices_matches_one_device(tmp_path, optimizer, rtol, atol, stats_rtol):
     assert jax.device_count() == 8
     # 8 steps of a global batch of 64: 8 examples per device.
     overrides = dict(num_train_examples=640, batch_size=64, **optimizer)
@@ -452,8 +455,9 @@ def test_data_parallel_on_8_devices_matches_one_device(tmp_path, optimizer, rtol
     parallel = loop.train(load("lenet_bn_dp", **overrides), str(tmp_path / "dp"))
     assert parallel.metrics["num_devices"] == 8 and single.metrics["num_devices"] == 1
     assert parallel.history[-1]["replica_divergence"] == 0.0
-    assert_trees_close(params_and_stats(parallel.state), params_and_stats(single.state),
-                       rtol=rtol, atol=atol)
+    got, want = params_and_stats(parallel.state), params_and_stats(single.state)
+    assert_trees_close(got["params"], want["params"], rtol=rtol, atol=atol)
+    assert_trees_close(got["batch_stats"], want["batch_stats"], rtol=stats_rtol, atol=atol)
     config = load("lenet_bn", **overrides)
     init = loop.init_state(models.create_model(config), loop.make_optimizer(config, 8), config.seed)
     trained = params_and_stats(single.state)["params"]
