@@ -68,8 +68,9 @@ def _expand(v: jax.Array | None, red: tuple[int, ...]) -> jax.Array | None:
 def apply_affine(x, mean, inv, scale, bias, red, out_dtype, sdtype):
     """y = (x - mean) * inv * scale + bias computed in ``sdtype``, returned in ``out_dtype``.
 
-    ``red`` are the axes the per-feature vectors are broadcast over (the
-    reduction axes of x's shape or of its View).
+    Elementwise work stays in the input's own layout: per-feature vectors
+    broadcast along trailing axes fuse into neighbouring elementwise ops (an
+    activation, say) as cheaply as a bias. Only reductions use the 2-D View.
     """
     mul = inv if scale is None else inv * scale.astype(sdtype)
     y = (x.astype(sdtype) - _expand(mean, red)) * _expand(mul, red)
@@ -154,11 +155,8 @@ def _forward(cfg: _Config, x, scale, bias, mask):
         dtype=cfg.sdtype,
     )
     inv = lax.rsqrt(mom.var + cfg.epsilon)
-    # Like the statistics, y is computed on the View of x (see jaxbn._stats.View).
-    v = view(x, cfg.red)
-    t = v.tiled
-    y = apply_affine(v.of(x), t(mom.mean), t(inv), t(scale), t(bias), v.red, cfg.out_dtype, cfg.sdtype)
-    return y.reshape(x.shape), mom, inv
+    y = apply_affine(x, mom.mean, inv, scale, bias, cfg.red, cfg.out_dtype, cfg.sdtype)
+    return y, mom, inv
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -215,11 +213,13 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
     a = inv if scale is None else inv * scale.astype(sd)  # gamma * s
     b = g_mean * inv_m - a * tot_dy * inv_m
     c = 2 * g_var * inv_m - a * tot_dy_xhat * inv_m * inv
-    # dx = a*dy + b + c*(x - mu), on the View like y; masked positions get zero gradient.
-    dx = v.bcast(a) * dyf + v.bcast(b) + v.bcast(c) * (xv - v.bcast(mean))
+    # dx = a*dy + b + c*(x - mu), in the input's layout (see apply_affine);
+    # masked positions get zero gradient.
+    red = cfg.red
+    dyn = dy.astype(sd)
+    dx = _expand(a, red) * dyn + _expand(b, red) + _expand(c, red) * (x.astype(sd) - _expand(mean, red))
     if mask is not None:
-        dx = jnp.where(valid, dx, 0)
-    dx = dx.reshape(x.shape)
+        dx = jnp.where(jnp.asarray(mask, bool), dx, 0)
     dscale = _param_grad(sum_dy_xhat, tot_dy_xhat, scale, cfg.axis_name, typed)
     dbias = _param_grad(sum_dy, tot_dy, bias, cfg.axis_name, typed)
     return dx.astype(x.dtype), dscale, dbias, None

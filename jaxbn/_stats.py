@@ -50,8 +50,8 @@ def abs_sq(x: jax.Array) -> jax.Array:
     return lax.square(x)
 
 
-#: Inputs with fewer features than this (and features as the trailing axes) are
-#: seen as a wider matrix (see :class:`View`).
+#: Inputs with at most this many features (as the trailing axes) are reduced
+#: as a wider matrix (see :class:`View`).
 NARROW = 16
 
 #: Rows of that matrix are made at least this many elements wide.
@@ -59,28 +59,32 @@ MIN_ROW_WIDTH = 64
 
 
 class View(NamedTuple):
-    """How the kernels see an array: a reshape (free) that makes narrow features cheap.
+    """How the reductions see an array: a reshape (free) that makes narrow features cheap.
 
-    When there are fewer than :data:`NARROW` features and they are the trailing
-    axes (channels-last), an input of shape ``(*batch, *features)`` is seen as a
-    matrix ``(rows, k * C)`` with ``C`` features: each row holds ``k``
+    When there are at most :data:`NARROW` features and they are the trailing
+    axes (channels-last), an input of shape ``(*batch, *features)`` is reduced
+    as a matrix ``(rows, k * C)`` with ``C`` features: each row holds ``k``
     consecutive positions of every feature, so a feature is spread over ``k``
     columns and rows are at least :data:`MIN_ROW_WIDTH` wide. XLA:CPU reduces a
     minor dimension of 3 to 12 elements 1.5-2x slower than a wide one (the
-    whole fwd+bwd on (64, 24, 24, C), C = 3..12, measured 1.47-1.96x faster in
-    the view). Each column gets its own statistics, merged per feature with
-    Chan's formula, so nothing is lost. All the full-size work of such an input
-    (reductions and elementwise alike, with per-feature vectors repeated k
-    times, :meth:`tiled`) runs in the view, and only y and dx are reshaped back.
+    whole fwd+bwd on (64, 24, 24, C), C = 3..12, measured 1.47-1.96x faster
+    with the view). Each column gets its own statistics, merged per feature
+    with Chan's formula, so nothing is lost. Only reductions use the view:
+    elementwise work stays in the input's own layout (computing y in the view
+    cost the LeNet step about 0.1 ms).
 
-    Every other input keeps its own shape (``k == 1``, no reshape at all):
-    from 16 features on the native reductions are as fast (C = 16) or faster
-    (C = 24, 32: by 11-16%), and a reshape of a tensor that an elementwise op
-    produced (BN -> relu -> BN, a residual sum) lets XLA fuse that producer
-    into every consumer on both sides of the reshape: each layer of a chain of
-    BN + relu then recomputed all the layers before it (4 layers of
-    (128, 28, 28, 32) took 50 ms instead of 10 ms). Explicitly sharded arrays
-    keep their shape too.
+    Every other input keeps its own shape (``k == 1``, no reshape at all).
+    From 16 features on, native reductions are as fast (C = 16) or faster
+    (C = 24, 32: by 11-16%), and a reshape has a cost in networks: when BN's
+    input is produced by an elementwise op (BN -> relu -> BN, a residual sum),
+    the reshape lets XLA fuse that producer into every consumer on both sides
+    of it, and in a chain of BN -> relu layers each layer recomputed all the
+    layers before it (4 layers of (128, 28, 28, 32) took 50 ms against flax's
+    15 ms). Narrow inputs still pay that in such chains (4 layers of
+    (64, 24, 24, 6): 1.2-1.4x flax's time), a trade for the 1.5-2x on every
+    single layer; with a convolution or a dense layer between BNs, as in
+    LeNet and ResNets, there is no such chain. Explicitly sharded arrays keep
+    their shape too.
 
     Attributes:
       shape: the shape of the view.
@@ -106,12 +110,8 @@ class View(NamedTuple):
     def bcast(self, v: jax.Array) -> jax.Array:
         """A per-feature vector, broadcastable against the view."""
         if self.k > 1:
-            return self.tiled(v)[None, :]
+            return jnp.tile(v.reshape(-1), self.k)[None, :]
         return jnp.expand_dims(v, self.red)
-
-    def tiled(self, v: jax.Array | None) -> jax.Array | None:
-        """A per-feature vector repeated for the k columns of each feature (``(k * C,)``; as is when k == 1)."""
-        return v if v is None or self.k == 1 else jnp.tile(v.reshape(-1), self.k)
 
     def columns(self, c: jax.Array) -> jax.Array:
         """Per-column values (view shape without ``red``) as ``(k, *fshape)``."""
@@ -124,8 +124,8 @@ class View(NamedTuple):
 
 
 def _row_multiple(rows: int, width: int) -> int:
-    """k >= 1 dividing ``rows`` so that ``k * width`` reaches MIN_ROW_WIDTH, if one is near (1 unless width < NARROW)."""
-    if width >= NARROW or rows <= 1:
+    """k >= 1 dividing ``rows`` so that ``k * width`` reaches MIN_ROW_WIDTH, if one is near (1 unless width <= NARROW)."""
+    if width > NARROW or rows <= 1:
         return 1
     target = -(-MIN_ROW_WIDTH // width)
     for k in range(target, min(4 * target, rows) + 1):
