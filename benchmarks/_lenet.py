@@ -10,6 +10,7 @@ one jitted call with the state donated, RMSprop 1e-3, softmax cross-entropy.
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Any
 
@@ -44,7 +45,9 @@ class _LeNet(nn.Module):
         init = nn.initializers.glorot_uniform()
         for i, c in enumerate((6, 16)):
             x = nn.Conv(c, (5, 5), padding="VALID", use_bias=bias, kernel_init=init, name=f"conv{i}")(x)
-            x = nn.max_pool(post(x, f"bn_conv{i}"), (2, 2), strides=(2, 2))
+            x = post(x, f"bn_conv{i}")  # 2x2 max-pool as train.models.max_pool_2x2 does it
+            n, h, w, ch = x.shape
+            x = x.reshape((n, h // 2, 2, w // 2, 2, ch)).max(axis=(2, 4))
         x = x.reshape((x.shape[0], -1))
         for i, f in enumerate((120, 84)):
             x = post(nn.Dense(f, use_bias=bias, kernel_init=init, name=f"dense{i}")(x), f"bn_dense{i}")
@@ -73,8 +76,22 @@ def make_model(norm: str) -> tuple[nn.Module, str]:
         return _LeNet(norm=norm), "benchmarks/_lenet.py (train.models unavailable)"
 
 
-def make_trainer(norm: str, seed: int = 0, n_batches: int = 8) -> dict[str, Any]:
-    """A jitted, state-donating training step and device-resident synthetic batches."""
+def trainer_compiler_options() -> dict[str, str]:
+    """The XLA options the trainer compiles the lenet_bn config with ({} without train/)."""
+    try:
+        from train import config_base, loop
+    except ImportError:
+        return {}
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "lenet_bn.py")
+    return loop.compiler_options(config_base.load_config_file(path))
+
+
+def make_trainer(norm: str, seed: int = 0, n_batches: int = 8,
+                 compiler_options: dict[str, str] | None = None) -> dict[str, Any]:
+    """A jitted, state-donating training step and device-resident synthetic batches.
+
+    `compiler_options`: XLA options for compiling the step (default: XLA's defaults).
+    """
     model, source = make_model(norm)
     rng = np.random.default_rng(seed)
     xs = jnp.asarray(rng.random((n_batches, BATCH, 28, 28, 1), dtype=np.float32))
@@ -97,7 +114,7 @@ def make_trainer(norm: str, seed: int = 0, n_batches: int = 8) -> dict[str, Any]
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
 
-    compiled = step.lower(state, xs[0], ys[0]).compile()
+    compiled = step.lower(state, xs[0], ys[0]).compile(compiler_options=compiler_options or None)
     holder = {"state": state}
     # Sliced once: indexing a device array per step would dispatch two slicing ops per step.
     batches = [(xs[i], ys[i]) for i in range(n_batches)]

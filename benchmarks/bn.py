@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 import traceback
+from typing import Any
 
 # One device for the main measurements, whatever the caller's XLA_FLAGS say.
 _flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
@@ -380,39 +381,10 @@ def section_chain(rep: Report, shapes, depth: int, budget: float) -> None:
     rep.data["chain"] = out
 
 
-def section_lenet(rep: Report, rounds: int, steps: int) -> None:
-    """Step time of the three networks: ``rounds`` interleaved rounds of ``steps`` steps each
-    (many short rounds, so that drifts of the machine cancel out of the BN cost)."""
-    import _lenet
-
-    print(f"lenet: {rounds} x {steps} steps per contender ...", flush=True)
-    trainers, losses = {}, {}
-    for norm, name in (("jaxbn", JAXBN_MOD), ("flax", FLAX), ("none", "no BN")):
-        try:
-            trainers[name] = _lenet.make_trainer(norm)
-            losses[name] = trainers[name]["run_steps"](3)  # warm-up
-        except Exception as e:  # noqa: BLE001
-            rep.error(f"lenet {norm}", e)
-    for name, loss in losses.items():
-        if not math.isfinite(loss):
-            rep.data["errors"].append(f"lenet {name}: non-finite loss {loss}")
-    times = H.interleave(
-        {k: (lambda t=t: t["run_steps"](steps)) for k, t in trainers.items()},
-        warmup=0,
-        min_rounds=rounds,
-        max_rounds=rounds,
-        budget_s=0,
-    )
+def _lenet_costs(times: dict[str, list[float]], steps: int) -> dict[str, Any]:
+    """Step times, BN cost (paired per round) and step / no-BN step of one compile setting."""
     step_us = {k: H.median_us(v) / steps for k, v in times.items()}
-    out = {
-        "steps_per_epoch": _lenet.STEPS_PER_EPOCH,
-        "timed_steps": steps,
-        "rounds": rounds,
-        "model": next(iter(trainers.values()))["source"] if trainers else None,
-        "step_us": step_us,
-        "epoch_s": {k: v * _lenet.STEPS_PER_EPOCH / 1e6 for k, v in step_us.items()},
-        "temp_bytes": {k: int(t["compiled"].memory_analysis().temp_size_in_bytes) for k, t in trainers.items()},
-    }
+    out: dict[str, Any] = {"step_us": step_us}
     if "no BN" in step_us:
         none = step_us["no BN"]
         # Paired per round (both timed in the same round, seconds apart), then the
@@ -425,6 +397,55 @@ def section_lenet(rep: Report, rounds: int, steps: int) -> None:
         out["over_no_bn"] = {k: v / none for k, v in step_us.items() if k != "no BN"}
         if JAXBN_MOD in out["bn_cost_us"] and FLAX in out["bn_cost_us"] and out["bn_cost_us"][FLAX] > 0:
             out["bn_cost_jaxbn_over_flax"] = out["bn_cost_us"][JAXBN_MOD] / out["bn_cost_us"][FLAX]
+    return out
+
+
+def section_lenet(rep: Report, rounds: int, steps: int) -> None:
+    """Step time of the three networks: ``rounds`` interleaved rounds of ``steps`` steps each
+    (many short rounds, so that drifts of the machine cancel out of the BN cost).
+
+    Each network is compiled as the trainer compiles the lenet_bn config (its XLA
+    options, ``train.loop.compiler_options``; the targets use these) and, where
+    those options are not empty, also with XLA's defaults."""
+    import _lenet
+
+    options = _lenet.trainer_compiler_options()
+    settings = {"trainer": options, **({"xla": {}} if options else {})}
+    print(f"lenet: {rounds} x {steps} steps per contender, compiler options {options} ...", flush=True)
+    trainers, losses = {}, {}
+    for setting, opts in settings.items():
+        for norm, name in (("jaxbn", JAXBN_MOD), ("flax", FLAX), ("none", "no BN")):
+            try:
+                trainers[setting, name] = _lenet.make_trainer(norm, compiler_options=opts)
+                losses[setting, name] = trainers[setting, name]["run_steps"](3)  # warm-up
+            except Exception as e:  # noqa: BLE001
+                rep.error(f"lenet {norm} ({setting} options)", e)
+    for key, loss in losses.items():
+        if not math.isfinite(loss):
+            rep.data["errors"].append(f"lenet {key}: non-finite loss {loss}")
+    times = H.interleave(
+        {k: (lambda t=t: t["run_steps"](steps)) for k, t in trainers.items()},
+        warmup=0,
+        min_rounds=rounds,
+        max_rounds=rounds,
+        budget_s=0,
+    )
+    by_setting = {
+        setting: _lenet_costs({name: v for (s, name), v in times.items() if s == setting}, steps)
+        for setting in settings
+    }
+    out = {
+        "steps_per_epoch": _lenet.STEPS_PER_EPOCH,
+        "timed_steps": steps,
+        "rounds": rounds,
+        "model": next(iter(trainers.values()))["source"] if trainers else None,
+        "compiler_options": options,
+        **by_setting["trainer"],
+        "xla_defaults": by_setting.get("xla"),
+        "temp_bytes": {name: int(t["compiled"].memory_analysis().temp_size_in_bytes)
+                       for (s, name), t in trainers.items() if s == "trainer"},
+    }
+    out["epoch_s"] = {k: v * _lenet.STEPS_PER_EPOCH / 1e6 for k, v in out["step_us"].items()}
     rep.data["lenet"] = out
 
 
@@ -646,6 +667,7 @@ def render(rep: Report) -> str:
         )
     if d.get("lenet"):
         ln = d["lenet"]
+        xla = ln.get("xla_defaults") or {}
         rows = []
         for k, v in ln["step_us"].items():
             rows.append(
@@ -655,17 +677,23 @@ def render(rep: Report) -> str:
                     f"{ln['epoch_s'][k]:.2f} s",
                     fmt_us(ln.get("bn_cost_us", {}).get(k)),
                     fmt_x(ln.get("over_no_bn", {}).get(k)),
+                    fmt_us(xla.get("step_us", {}).get(k)),
+                    fmt_us(xla.get("bn_cost_us", {}).get(k)),
+                    fmt_x(xla.get("over_no_bn", {}).get(k)),
                 ]
             )
+        ratios = [f"{label}: {fmt_x(src['bn_cost_jaxbn_over_flax'])}"
+                  for label, src in (("trainer's options", ln), ("XLA defaults", xla))
+                  if "bn_cost_jaxbn_over_flax" in src]
         parts.append(
             f"LeNet + BN training step (batch 64, {ln['steps_per_epoch']} steps per epoch; "
-            f"{ln['rounds']} rounds of {ln['timed_steps']} steps; model {ln['model']}):\n\n"
-            + table(["BN", "step", "epoch", "BN cost (median of per-round step - no-BN step)", "/ no BN"], rows)
-            + (
-                f"\n\nBN cost, jaxbn / flax: {fmt_x(ln['bn_cost_jaxbn_over_flax'])}"
-                if "bn_cost_jaxbn_over_flax" in ln
-                else ""
-            )
+            f"{ln['rounds']} rounds of {ln['timed_steps']} steps; model {ln['model']}), "
+            f"compiled as the trainer compiles it (XLA options {ln.get('compiler_options')}) "
+            "and with XLA's defaults:\n\n"
+            + table(["BN", "step", "epoch", "BN cost (median of per-round step - no-BN step)",
+                     "/ no BN", "step, XLA defaults", "BN cost, XLA defaults",
+                     "/ no BN, XLA defaults"], rows)
+            + (f"\n\nBN cost, jaxbn / flax: {'; '.join(ratios)}" if ratios else "")
         )
     if d.get("sync"):
         rows = []

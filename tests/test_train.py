@@ -167,6 +167,9 @@ def test_apply_overrides_parses_by_type():
         ({"validation_fraction": 1.0}, "config.validation_fraction=1.0"),
         ({"conv_features": (6, 16, 32, 64), "conv_padding": "VALID"}, "shrinks to nothing"),
         ({"data_parallel": True, "batch_size": 36}, "does not split evenly over 8 devices"),
+        ({"cpu_ynn_fusions": "reduce,conv"},
+         ("config.cpu_ynn_fusions='reduce,conv': expected 'auto', 'none', 'xla' or a "
+          "comma-separated list")),
     ],
 )
 def test_bad_config_values_fail_before_loading_or_training(tmp_path, overrides, message):
@@ -222,6 +225,41 @@ def test_chunk_plan_covers_the_epoch():
             assert sum(plan) == steps and max(plan) <= target and len(set(plan)) <= 2
 
 
+def test_compiler_options_follow_cpu_ynn_fusions():
+    c = load("lenet_bn")
+    opt = loop.YNN_FUSION_OPTION
+    assert loop.compiler_options(c, "cpu") == {opt: ""}  # auto, small activations
+    assert loop.compiler_options(c, "gpu") == {}
+    c.batch_size, c.conv_features, c.conv_padding = 64, (64, 128), "SAME"  # 64*28*28*64
+    assert loop.compiler_options(c, "cpu") == {opt: "LIBRARY_FUSION_TYPE_REDUCE"}
+    c.data_parallel = True  # a quarter of that per device
+    assert loop.compiler_options(c, "cpu", num_devices=4) == {opt: ""}
+    c.cpu_ynn_fusions = "none"
+    assert loop.compiler_options(c, "cpu") == {opt: ""}
+    c.cpu_ynn_fusions = "xla"
+    assert loop.compiler_options(c, "cpu") == {}
+    c.cpu_ynn_fusions = "reduce, individual_dot"
+    assert loop.compiler_options(c, "cpu") == {
+        opt: "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def test_trainer_programs_are_compiled_with_the_configured_fusions():
+    ynn = {}
+    for setting in ("auto", "xla"):
+        run, _ = loop.prepare(load("lenet_bn", cpu_ynn_fusions=setting), verbose=False)
+        programs = [*run.programs.train_chunk.values(), *run.programs.evaluate.values()]
+        ynn[setting] = sum(p.as_text().count("__ynn_fusion") for p in programs)
+    assert ynn["auto"] == 0 and ynn["xla"] > 0
+
+
+def test_options_this_xla_rejects_fall_back_to_its_defaults(capsys, monkeypatch):
+    monkeypatch.setattr(loop._compile, "warned", False)
+    lowered = jax.jit(lambda x: x * 2).lower(jnp.ones(3))
+    compiled = loop._compile(lowered, {"xla_cpu_no_such_option": "1"})
+    np.testing.assert_array_equal(compiled(jnp.ones(3)), [2.0, 2.0, 2.0])
+    assert "XLA rejected compiler options" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------
@@ -245,6 +283,25 @@ def test_lenet_has_the_classic_shapes():
         "bn_conv0": {"mean": (6,), "var": (6,)}, "bn_conv1": {"mean": (16,), "var": (16,)},
         "bn_dense0": {"mean": (120,), "var": (120,)}, "bn_dense1": {"mean": (84,), "var": (84,)},
     }
+
+
+@pytest.mark.parametrize("shape", [(3, 24, 24, 6), (2, 7, 9, 4)])
+def test_lenet_pooling_matches_flax_max_pool(shape):
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(1), shape)  # continuous: no tied maxima
+    pooled = models.max_pool_2x2(x)
+    np.testing.assert_array_equal(pooled, nn.max_pool(x, (2, 2), strides=(2, 2)))
+    w = jax.random.normal(jax.random.key(2), pooled.shape)
+    grad = jax.grad(lambda v: jnp.sum(models.max_pool_2x2(v) * w))(x)
+    ref = jax.grad(lambda v: jnp.sum(nn.max_pool(v, (2, 2), strides=(2, 2)) * w))(x)
+    np.testing.assert_array_equal(grad, ref)
+
+
+def test_lenet_pooling_shares_the_gradient_of_tied_maxima():
+    x = jnp.array([[1.0, 1.0], [0.5, 1.0]]).reshape((1, 2, 2, 1))
+    grad = jax.grad(lambda v: jnp.sum(models.max_pool_2x2(v)) * 3.0)(x)
+    np.testing.assert_allclose(grad.reshape((2, 2)), [[1.0, 1.0], [0.0, 1.0]])
 
 
 def test_mlp_shapes_and_no_bn_variant():

@@ -46,6 +46,7 @@ RESUMABLE_KEYS = frozenset(
         "max_checkpoints_to_keep",
         "steps_per_dispatch",
         "unroll_steps",
+        "cpu_ynn_fusions",
         "eval_batch_size",
         "data_source",
         "data_dir",
@@ -54,6 +55,10 @@ RESUMABLE_KEYS = frozenset(
         "process_id",
     }
 )
+
+
+# Kinds of XLA:CPU library fusion that config.cpu_ynn_fusions may list.
+YNN_FUSION_KINDS = ("dot", "eltwise", "reduce", "individual_dot", "individual_convolution")
 
 
 class ConfigError(ValueError):
@@ -111,6 +116,11 @@ def base_config() -> ml_collections.ConfigDict:
       unroll_steps: "full" writes the steps of a call as straight-line code,
         "none" as a rolled lax.scan, "auto" unrolls on CPU only (XLA:CPU runs
         convolution gradients inside loops on a slow path).
+      cpu_ynn_fusions: which fusions XLA:CPU hands to the YNNPACK library in
+        the trainer's programs: "auto" (default: none for small activations,
+        reductions only for large ones; see train.loop.compiler_options),
+        "none", "xla" (XLA's own default set) or a comma-separated list of
+        kinds from ``YNN_FUSION_KINDS``. Ignored on other backends.
       eval_batch_size: examples per evaluation batch.
       progress_bar: show a tqdm bar per epoch.
       checkpoint: save an orbax checkpoint every epoch and resume from it.
@@ -158,6 +168,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Loop and outputs.
     c.steps_per_dispatch = 0
     c.unroll_steps = "auto"
+    c.cpu_ynn_fusions = "auto"
     c.eval_batch_size = 1000
     c.progress_bar = True
     c.checkpoint = True
@@ -311,6 +322,11 @@ def check_values(config: Mapping[str, Any] | ml_collections.ConfigDict) -> None:
                  "an integer >= 1")
     if config.process_id is not None:
         _require(config.process_id >= 0, "process_id", config.process_id, "an integer >= 0")
+    if config.cpu_ynn_fusions not in ("auto", "none", "xla"):
+        kinds = [k.strip() for k in config.cpu_ynn_fusions.split(",")]
+        _require(all(k in YNN_FUSION_KINDS for k in kinds), "cpu_ynn_fusions",
+                 config.cpu_ynn_fusions,
+                 f"'auto', 'none', 'xla' or a comma-separated list of {list(YNN_FUSION_KINDS)}")
     if config.model == "lenet":
         _check_lenet_geometry(config)
 

@@ -75,6 +75,24 @@ def norm_layer(
     raise ValueError(f"norm={norm!r}: expected 'jaxbn', 'flax' or 'none'.")
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pooling with stride 2 (VALID: an odd last row/column is dropped).
+
+    The same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``, computed as a
+    max over a reshape. The windows do not overlap, so the reshape is free and
+    the gradient is elementwise (``dy * (x == max) / ties``), where
+    ``nn.max_pool``'s reduce-window gradient becomes an argmax reduce-window
+    over index arrays and a scatter: the lenet_bn training step on CPU spent
+    about 2 ms of 7 in it (BENCHMARKS.md). Where a window holds tied maxima
+    the gradient is shared equally among them (``nn.max_pool`` routes it all
+    to one); both are subgradients of the max.
+    """
+    n, h, w, c = x.shape
+    h2, w2 = h // 2, w // 2
+    x = x[:, : 2 * h2, : 2 * w2]
+    return x.reshape((n, h2, 2, w2, 2, c)).max(axis=(2, 4))
+
+
 class _Block(nn.Module):
     """Shared options of the hidden layers: norm, activation, init."""
 
@@ -133,8 +151,7 @@ class LeNet(_Block):
         for i, channels in enumerate(self.conv_features):
             x = nn.Conv(channels, (k, k), padding=self.conv_padding,
                         use_bias=self.norm == "none", kernel_init=init, name=f"conv{i}")(x)
-            x = self._post(x, train, f"bn_conv{i}")
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = max_pool_2x2(self._post(x, train, f"bn_conv{i}"))
         x = x.reshape((x.shape[0], -1))
         return self._dense_stack(x, self.dense_features, train)
 
@@ -153,6 +170,19 @@ class MLP(_Block):
         """Maps images (N, 28, 28, 1) to logits (N, 10)."""
         x = x.reshape((x.shape[0], -1))
         return self._dense_stack(x, self.dense_features, train)
+
+
+def largest_activation(config: Any, batch: int) -> int:
+    """Elements of the largest activation (a conv/dense output) of the model for `batch` examples."""
+    sizes = [batch * 28 * 28, *(batch * w for w in config.dense_features)]
+    if config.model == "lenet":
+        side = 28
+        for channels in config.conv_features:
+            if config.conv_padding == "VALID":
+                side -= config.conv_kernel - 1
+            sizes.append(batch * side * side * channels)
+            side //= 2
+    return max(sizes)
 
 
 def create_model(config: Any, axis_name: str | None = None) -> nn.Module:
