@@ -76,6 +76,28 @@ def test_quick_benchmark_has_every_contender(quick_run):
     assert data["targets"], "targets were not evaluated"
 
 
+def test_quick_benchmark_runs_lenet_with_both_compile_settings(quick_run):
+    _, data = quick_run
+    lenet = data["lenet"]
+    names = {"jaxbn.BatchNorm", "flax.linen.BatchNorm", "no BN"}
+    if lenet["compiler_options"]:  # CPU: the trainer's options differ from XLA's defaults
+        assert names <= set(lenet["xla_defaults"]["step_us"])
+
+
+def test_train_loop_benchmark_runs_every_loop():
+    """benchmarks/train_loop.py on a small synthetic set: every loop trains and is tabled."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "train_loop.py"), "--synthetic", "640",
+         "--epochs", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| jaxbn |"))
+    assert row.count(" s |") == 5 and row.count("x |") == 4  # 5 loops, trainer / each other
+
+
 def test_torch_is_optional():
     """The benchmark imports without torch: the contender module guards the import."""
     code = (

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -242,14 +243,10 @@ def _compile(lowered: jax.stages.Lowered, options: dict[str, str]) -> jax.stages
     try:
         return lowered.compile(compiler_options=options)
     except Exception as e:  # noqa: BLE001 - an XLA without these options: use its defaults
-        if not _compile.warned:
-            print(f"warning: XLA rejected compiler options {options} ({str(e).splitlines()[0]}); "
-                  "compiling with its defaults (see config.cpu_ynn_fusions).", flush=True)
-            _compile.warned = True
+        warnings.warn(f"XLA rejected compiler options {options} ({str(e).splitlines()[0]}); "
+                      "compiling with its defaults (see config.cpu_ynn_fusions).",
+                      RuntimeWarning, stacklevel=2)
         return lowered.compile()
-
-
-_compile.warned = False
 
 
 def loop_settings(config: Any, backend: str | None = None) -> tuple[bool, int]:
