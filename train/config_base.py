@@ -331,13 +331,20 @@ def check_values(config: Mapping[str, Any] | ml_collections.ConfigDict) -> None:
         _check_lenet_geometry(config)
 
 
-def _check_lenet_geometry(config: Any) -> None:
-    size = 28
-    for i, _ in enumerate(config.conv_features):
+def lenet_conv_sides(config: Any) -> list[int]:
+    """Side of each LeNet conv block's output (before its 2x2 max-pool), from 28x28 input."""
+    sides, side = [], 28
+    for _ in config.conv_features:
         if config.conv_padding == "VALID":
-            size -= config.conv_kernel - 1
-        size //= 2
-        if size < 1:
+            side -= config.conv_kernel - 1
+        sides.append(side)
+        side //= 2
+    return sides
+
+
+def _check_lenet_geometry(config: Any) -> None:
+    for i, side in enumerate(lenet_conv_sides(config)):
+        if side // 2 < 1:
             raise ConfigError(
                 f"config.conv_features={tuple(config.conv_features)} with "
                 f"conv_kernel={config.conv_kernel} and conv_padding="

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxbn
+from train import config_base
 
 NUM_CLASSES = 10
 
@@ -176,12 +177,8 @@ def largest_activation(config: Any, batch: int) -> int:
     """Elements of the largest activation (a conv/dense output) of the model for `batch` examples."""
     sizes = [batch * 28 * 28, *(batch * w for w in config.dense_features)]
     if config.model == "lenet":
-        side = 28
-        for channels in config.conv_features:
-            if config.conv_padding == "VALID":
-                side -= config.conv_kernel - 1
-            sizes.append(batch * side * side * channels)
-            side //= 2
+        sides = config_base.lenet_conv_sides(config)
+        sizes += [batch * s * s * c for s, c in zip(sides, config.conv_features)]
     return max(sizes)
 
 
