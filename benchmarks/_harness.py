@@ -200,7 +200,9 @@ def hlo_traffic(hlo_text: str, nbytes: int) -> dict[str, float]:
     Every top-level instruction of the entry computation (fusion, custom call,
     copy, ...) that reads or writes a buffer of at least ``nbytes / 2`` counts
     each such operand and its result once. Loop fusions with a small result
-    (slices, small reductions of a few rows) are not counted. A ``conditional``
+    are not counted unless they reduce (a slice reads a few rows; a reduction,
+    such as the blocked sums of ``jaxbn._stats.paired_sums``, reads its
+    operands in full). A ``conditional``
     runs one of its branches, which are counted the same way: ``passes`` and
     ``kernels`` take the branch with the least traffic, ``passes_max`` and
     ``kernels_max`` the one with the most (what the data decide at run time).
@@ -208,6 +210,12 @@ def hlo_traffic(hlo_text: str, nbytes: int) -> dict[str, float]:
     kernels that touch them.
     """
     comps = computations(hlo_text)
+
+    def reduces(line: str) -> bool:
+        """A fusion that reduces its operands (read in full), unlike a slice."""
+        called = re.search(r"calls=%?([\w.-]+)", line)
+        body = comps.get(called.group(1), []) if called else []
+        return any(re.search(r" reduce(?:-window)?\(", b) for b in body)
 
     def walk(lines: list[str]) -> tuple[float, float, int, int]:
         size: dict[str, int] = {}
@@ -235,7 +243,7 @@ def hlo_traffic(hlo_text: str, nbytes: int) -> dict[str, float]:
                 continue
             if op in _FREE:
                 continue
-            if "kind=kLoop" in line and size[name] < nbytes // 2:
+            if "kind=kLoop" in line and size[name] < nbytes // 2 and not reduces(line):
                 continue
             io = [size[name]] + [size.get(o.strip().lstrip("%"), 0) for o in operands.split(",")]
             io = [b for b in io if b >= nbytes // 2]

@@ -26,12 +26,13 @@ like the gradient of any replicated parameter.
 
 Memory traffic (the kernels are memory-bound). A training step reads x for the
 statistics, reads x and writes y, reads dy and x for the backward reductions,
-and reads dy and x again to write dx. The compiled program makes exactly these
-kernels and no full-size temporary: two reductions of x (see
-``jaxbn._stats.local_moments``), y, the reductions sum(dy) and sum(dy*(x-mu)),
-and dx, i.e. 10 tensor-sized reads and writes against the 8 of a single-pass
-ideal (XLA:CPU gives every reduction its own kernel). Only x and per-feature
-vectors are kept for the backward.
+and reads dy and x again to write dx: 8 tensor-sized reads and writes. The
+compiled program makes these kernels and no full-size temporary. On CPU, for
+inputs of up to ``jaxbn._stats.PAIRED_MAX_SIZE`` elements, each pair of sums
+is one kernel (``jaxbn._stats.paired_sums``), which gives the 8; larger inputs
+and other platforms take each sum separately (XLA:CPU's YNNPACK reductions
+and GPU reductions each fuse their elementwise operand), 10 on CPU. Only x
+and per-feature vectors are kept for the backward.
 
 On CPU the reductions avoid broadcast operands, which halve XLA:CPU's
 reduction speed: the statistics come from the plain sums of x and |x|^2, and
@@ -58,7 +59,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks
-from jaxbn._stats import WELL_CONDITIONED, Moments, abs_sq, compute_moments, view
+from jaxbn._stats import WELL_CONDITIONED, Moments, abs_sq, compute_moments, paired_sums, view
 
 
 def _expand(v: jax.Array | None, red: tuple[int, ...]) -> jax.Array | None:
@@ -182,16 +183,16 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
     if mask is not None:
         valid = v.of(jnp.broadcast_to(jnp.asarray(mask, bool), x.shape))
         dyf = jnp.where(valid, dyf, 0)
-    # The two reductions of the backward pass: sum(dy) reads dy, sum(dy*(x-mu))
-    # reads dy and x (see _centered_sum).
-    col_dy = jnp.sum(dyf, axis=v.red)
+    # The two reductions of the backward pass, sum(dy) and sum(dy*(x-mu)), read
+    # dy and x (see _backward_sums).
     if mask is None:
-        sum_dy_xc = lax.platform_dependent(
-            dyf, xv, col_dy, mean, inv,
-            cpu=partial(_checked_centered_sum, v),
-            default=partial(_centered_sum, v),
+        col_dy, sum_dy_xc = lax.platform_dependent(
+            dyf, xv, mean, inv,
+            cpu=partial(_checked_backward_sums, v),
+            default=partial(_backward_sums, v),
         )
     else:
+        col_dy = jnp.sum(dyf, axis=v.red)
         sum_dy_xc = jnp.sum(jnp.where(valid, dyf * (xv + v.bcast(-mean)), 0), axis=v.red)
     sum_dy = v.fold_sum(col_dy)
     sum_dy_xhat = v.fold_sum(sum_dy_xc) * inv
@@ -225,33 +226,38 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
     return dx.astype(x.dtype), dscale, dbias, None
 
 
-def _centered_sum(v, dyf, xv, col_dy, mean, inv):
-    """Per-column ``sum(dy * (x - mu))`` (dy and x seen through the View ``v``).
+def _backward_sums(v, dyf, xv, mean, inv):
+    """Per-column ``sum(dy)`` and ``sum(dy * (x - mu))`` (dy and x seen through the View ``v``).
 
     ``x + (-mu)`` keeps its broadcast apart from the ``x - mu`` of dx, so XLA
     fuses each into its consumer instead of materializing a full-size x - mu.
     """
-    del col_dy, inv
-    return jnp.sum(dyf * (xv + v.bcast(-mean)), axis=v.red)
+    del inv
+    return jnp.sum(dyf, axis=v.red), jnp.sum(dyf * (xv + v.bcast(-mean)), axis=v.red)
 
 
-def _checked_centered_sum(v, dyf, xv, col_dy, mean, inv):
-    """:func:`_centered_sum` as ``sum(dy * x) - mu * sum(dy)`` where that is accurate.
+def _checked_backward_sums(v, dyf, xv, mean, inv):
+    """:func:`_backward_sums` on CPU: both sums in one read of dy and x (``jaxbn._stats.paired_sums``).
 
     XLA:CPU reads ``dy * x`` at full memory speed but slows down on a broadcast
-    operand such as ``x - mu``. The uncentered form loses about ``|mu| * s``
-    rounding units of ``sum(dy * xhat)``; with ``|mu|^2 <= WELL_CONDITIONED *
-    (var + eps)`` for every feature that is as accurate as the forward's
-    statistics (see ``jaxbn._stats.WELL_CONDITIONED``); otherwise a ``lax.cond``
-    takes the centered sum.
+    operand such as ``x - mu``, so ``sum(dy * (x - mu))`` is taken as
+    ``sum(dy * x) - mu * sum(dy)`` where that is accurate: the uncentered form
+    loses about ``|mu| * s`` rounding units of ``sum(dy * xhat)``; with
+    ``|mu|^2 <= WELL_CONDITIONED * (var + eps)`` for every feature that is as
+    accurate as the forward's statistics (see ``jaxbn._stats.WELL_CONDITIONED``);
+    otherwise a ``lax.cond`` takes the centered sum.
     """
     ok = jnp.all(abs_sq(mean * inv) <= WELL_CONDITIONED)
     mean_col = jnp.squeeze(v.bcast(mean), v.red)
 
     def uncentered():
-        return jnp.sum(dyf * xv, axis=v.red) - mean_col * col_dy
+        col_dy, s = paired_sums(dyf, dyf * xv, v.red)
+        return col_dy, s - mean_col * col_dy
 
-    return lax.cond(ok, uncentered, lambda: _centered_sum(v, dyf, xv, col_dy, mean, inv))
+    def centered():
+        return paired_sums(dyf, dyf * (xv + v.bcast(-mean)), v.red)
+
+    return lax.cond(ok, uncentered, centered)
 
 
 def _varying(t) -> frozenset:

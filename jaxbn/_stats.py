@@ -178,10 +178,74 @@ def _first_row(xv: jax.Array, red: tuple[int, ...]) -> jax.Array:
 WELL_CONDITIONED = 8.0
 
 
+#: Rows summed per block by :func:`paired_sums` on CPU (XLA:CPU's own reductions
+#: split rows into blocks of this size too; 8 is the smallest block used).
+ROW_BLOCK = 32
+
+#: :func:`paired_sums` reduces operands of at most this many elements in blocks.
+PAIRED_MAX_SIZE = 2**21
+
+
+def _row_block(rows: int) -> int | None:
+    """The largest divisor of ``rows`` in [8, ROW_BLOCK], if any."""
+    return next((b for b in range(ROW_BLOCK, 7, -1) if rows % b == 0), None)
+
+
+def _blocked_pair_sums(p, q, red):
+    """``paired_sums`` as one variadic reduce over blocks of rows, then the sums of the block totals."""
+    nred = len(red)
+    rows = math.prod(p.shape[:nred])
+    b = _row_block(rows)
+    if (
+        tuple(red) != tuple(range(nred))
+        or nred == p.ndim
+        or b is None
+        or p.dtype != q.dtype
+        or p.size > PAIRED_MAX_SIZE
+        or _sharded(p)
+        or _sharded(q)
+    ):
+        return jnp.sum(p, axis=red), jnp.sum(q, axis=red)
+    kept = p.shape[nred:]
+    shape = (rows // b, b) + kept
+    zero = jnp.zeros((), p.dtype)
+    bp, bq = lax.reduce(
+        (p.reshape(shape), q.reshape(shape)),
+        (zero, zero),
+        lambda u, v: (u[0] + v[0], u[1] + v[1]),
+        (1,),
+    )
+    return jnp.sum(bp, axis=0), jnp.sum(bq, axis=0)
+
+
+def paired_sums(p: jax.Array, q: jax.Array, red: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """``(sum(p), sum(q))`` over ``red``, reading the operands of ``p`` and ``q`` once.
+
+    XLA:CPU gives every reduction its own kernel and, without its YNNPACK
+    fusions, does not fuse an elementwise operand such as ``x * x`` into it:
+    ``sum(x)`` and ``sum(x * x)`` read x twice and write and read ``x * x``.
+    On CPU the two sums are one variadic ``lax.reduce`` over blocks of
+    :data:`ROW_BLOCK` rows (a multi-output reduction that computes both
+    operands on the fly, partitioned over the blocks), followed by the sums of
+    the block totals, which are as accurate as XLA's own blocked reductions.
+    Measured on (3072, 72) float32 (LeNet's first BN): 133 against 224 us
+    without YNNPACK, 105 against 151 us with it. Above
+    :data:`PAIRED_MAX_SIZE` elements YNNPACK's two reductions (XLA's default)
+    are as fast and the whole fwd+bwd of (32, 56, 56, 64) ran slower with the
+    blocked sums, so larger inputs keep the plain sums. Other platforms,
+    reductions that are not over the leading axes, row counts without a
+    divisor in [8, 32] and explicitly sharded arrays (whose reshape is not
+    free) use two plain sums.
+    """
+    return lax.platform_dependent(
+        p, q, cpu=partial(_blocked_pair_sums, red=red), default=lambda p, q: (jnp.sum(p, axis=red), jnp.sum(q, axis=red))
+    )
+
+
 def _plain_sums(xv, red, size):
-    """One read of x per sum: ``(mean, E[x^2] - E[x]^2 scaled to M2, sum(|x|^2))``."""
-    s2 = jnp.sum(abs_sq(xv), axis=red)
-    mean = jnp.sum(xv, axis=red) / size
+    """One read of x for both sums: ``(mean, E[x^2] - E[x]^2 scaled to M2, sum(|x|^2))``."""
+    s1, s2 = paired_sums(xv, abs_sq(xv), red)
+    mean = s1 / size
     return mean, jnp.maximum(s2 - size * abs_sq(mean), 0), s2
 
 
@@ -219,8 +283,7 @@ def _checked_moments(xv, *, red, size):
 
     def two_pass(mean, m2):
         c = jnp.expand_dims(mean, red)
-        r = jnp.sum(xv - c, axis=red)
-        q = jnp.sum(abs_sq(xv + (-c)), axis=red)
+        r, q = paired_sums(xv - c, abs_sq(xv + (-c)), red)
         return mean + r / size, jnp.maximum(q - abs_sq(r) / size, 0)
 
     return lax.cond(ok, lambda mean, m2: (mean, m2), two_pass, mean, m2)
