@@ -59,7 +59,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks
-from jaxbn._stats import WELL_CONDITIONED, Moments, abs_sq, compute_moments, paired_sums, view
+from jaxbn._stats import (
+    WELL_CONDITIONED,
+    Moments,
+    abs_sq,
+    compute_moments,
+    paired_sums,
+    view,
+)
 
 
 def _expand(v: jax.Array | None, red: tuple[int, ...]) -> jax.Array | None:
