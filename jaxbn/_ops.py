@@ -240,7 +240,7 @@ def _backward_sums(v, dyf, xv, mean, inv):
     fuses each into its consumer instead of materializing a full-size x - mu.
     """
     del inv
-    return jnp.sum(dyf, axis=v.red), jnp.sum(dyf * (xv + v.bcast(-mean)), axis=v.red)
+    return paired_sums(dyf, dyf * (xv + v.bcast(-mean)), v.red)
 
 
 def _checked_backward_sums(v, dyf, xv, mean, inv):
@@ -261,10 +261,7 @@ def _checked_backward_sums(v, dyf, xv, mean, inv):
         col_dy, s = paired_sums(dyf, dyf * xv, v.red)
         return col_dy, s - mean_col * col_dy
 
-    def centered():
-        return paired_sums(dyf, dyf * (xv + v.bcast(-mean)), v.red)
-
-    return lax.cond(ok, uncentered, centered)
+    return lax.cond(ok, uncentered, lambda: _backward_sums(v, dyf, xv, mean, inv))
 
 
 def _varying(t) -> frozenset:

@@ -191,6 +191,10 @@ def _row_block(rows: int) -> int | None:
     return next((b for b in range(ROW_BLOCK, 7, -1) if rows % b == 0), None)
 
 
+def _two_sums(p, q, red):
+    return jnp.sum(p, axis=red), jnp.sum(q, axis=red)
+
+
 def _blocked_pair_sums(p, q, red):
     """``paired_sums`` as one variadic reduce over blocks of rows, then the sums of the block totals."""
     nred = len(red)
@@ -205,7 +209,7 @@ def _blocked_pair_sums(p, q, red):
         or _sharded(p)
         or _sharded(q)
     ):
-        return jnp.sum(p, axis=red), jnp.sum(q, axis=red)
+        return _two_sums(p, q, red)
     kept = p.shape[nred:]
     shape = (rows // b, b) + kept
     zero = jnp.zeros((), p.dtype)
@@ -237,9 +241,7 @@ def paired_sums(p: jax.Array, q: jax.Array, red: tuple[int, ...]) -> tuple[jax.A
     divisor in [8, 32] and explicitly sharded arrays (whose reshape is not
     free) use two plain sums.
     """
-    return lax.platform_dependent(
-        p, q, cpu=partial(_blocked_pair_sums, red=red), default=lambda p, q: (jnp.sum(p, axis=red), jnp.sum(q, axis=red))
-    )
+    return lax.platform_dependent(p, q, cpu=partial(_blocked_pair_sums, red=red), default=partial(_two_sums, red=red))
 
 
 def _plain_sums(xv, red, size):
