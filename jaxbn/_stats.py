@@ -186,9 +186,24 @@ ROW_BLOCK = 32
 PAIRED_MAX_SIZE = 2**21
 
 
-def _row_block(rows: int) -> int | None:
-    """The largest divisor of ``rows`` in [8, ROW_BLOCK], if any."""
-    return next((b for b in range(ROW_BLOCK, 7, -1) if rows % b == 0), None)
+def _row_block(shape: tuple[int, ...], nred: int) -> int | None:
+    """Rows per block for an input of ``shape`` reduced over its ``nred`` leading axes.
+
+    The largest ``b`` in [8, ROW_BLOCK] dividing the row count such that the
+    blocks tile the runs of the last reduced axis (W of ``(N, H, W, C)``):
+    ``b`` divides W or is a multiple of it; only when there is none, the
+    largest divisor of the row count. XLA:CPU emits the blocked reduce with a
+    division per element and no vector code when blocks cross the ends of W
+    runs at offsets it cannot simplify: blocks of 32 rows over (8, 56, 56, 64)
+    took 1.50 ms against 0.43 ms with blocks of 28, and 21 of 119 conv shapes
+    up to 2M elements (N 8-128, H = W 7-56, C 32-256) compiled that way with
+    the largest divisor of the row count; none of 235 conv and sequence shapes
+    (W or L from 4 to 500) does with this rule
+    (``tests/test_ops.py::test_paired_sums_compile_to_vector_code``).
+    """
+    rows, w = math.prod(shape[:nred]), shape[nred - 1]
+    divisors = [b for b in range(ROW_BLOCK, 7, -1) if rows % b == 0]
+    return next((b for b in divisors if w % b == 0 or b % w == 0), divisors[0] if divisors else None)
 
 
 def _two_sums(p, q, red):
@@ -199,7 +214,7 @@ def _blocked_pair_sums(p, q, red):
     """``paired_sums`` as one variadic reduce over blocks of rows, then the sums of the block totals."""
     nred = len(red)
     rows = math.prod(p.shape[:nred])
-    b = _row_block(rows)
+    b = _row_block(p.shape, nred) if nred else None
     if (
         tuple(red) != tuple(range(nred))
         or nred == p.ndim
@@ -228,17 +243,17 @@ def paired_sums(p: jax.Array, q: jax.Array, red: tuple[int, ...]) -> tuple[jax.A
     XLA:CPU gives every reduction its own kernel and, without its YNNPACK
     fusions, does not fuse an elementwise operand such as ``x * x`` into it:
     ``sum(x)`` and ``sum(x * x)`` read x twice and write and read ``x * x``.
-    On CPU the two sums are one variadic ``lax.reduce`` over blocks of
-    :data:`ROW_BLOCK` rows (a multi-output reduction that computes both
-    operands on the fly, partitioned over the blocks), followed by the sums of
-    the block totals, which are as accurate as XLA's own blocked reductions.
-    Measured on (3072, 72) float32 (LeNet's first BN): 133 against 224 us
-    without YNNPACK, 105 against 151 us with it. Above
+    On CPU the two sums are one variadic ``lax.reduce`` over blocks of 8 to
+    :data:`ROW_BLOCK` rows (:func:`_row_block`; a multi-output reduction that
+    computes both operands on the fly, partitioned over the blocks), followed
+    by the sums of the block totals, which are as accurate as XLA's own
+    blocked reductions. Measured on (3072, 72) float32 (LeNet's first BN): 133
+    against 224 us without YNNPACK, 105 against 151 us with it. Above
     :data:`PAIRED_MAX_SIZE` elements YNNPACK's two reductions (XLA's default)
-    are as fast and the whole fwd+bwd of (32, 56, 56, 64) ran slower with the
-    blocked sums, so larger inputs keep the plain sums. Other platforms,
-    reductions that are not over the leading axes, row counts without a
-    divisor in [8, 32] and explicitly sharded arrays (whose reshape is not
+    are as fast, and so was the whole fwd+bwd of (32, 56, 56, 64) with the
+    blocked sums (8.58 against 8.56 ms), so larger inputs keep the plain sums.
+    Other platforms, reductions that are not over the leading axes, row counts
+    without a divisor in [8, 32] and explicitly sharded arrays (whose reshape is not
     free) use two plain sums.
     """
     return lax.platform_dependent(p, q, cpu=partial(_blocked_pair_sums, red=red), default=partial(_two_sums, red=red))
