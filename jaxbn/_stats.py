@@ -213,18 +213,11 @@ def _two_sums(p, q, red):
 def _blocked_pair_sums(p, q, red):
     """``paired_sums`` as one variadic reduce over blocks of rows, then the sums of the block totals."""
     nred = len(red)
-    rows = math.prod(p.shape[:nred])
-    b = _row_block(p.shape, nred) if nred else None
-    if (
-        tuple(red) != tuple(range(nred))
-        or nred == p.ndim
-        or b is None
-        or p.dtype != q.dtype
-        or p.size > PAIRED_MAX_SIZE
-        or _sharded(p)
-        or _sharded(q)
-    ):
+    leading = 0 < nred < p.ndim and tuple(red) == tuple(range(nred))
+    b = _row_block(p.shape, nred) if leading else None
+    if b is None or p.dtype != q.dtype or p.size > PAIRED_MAX_SIZE or _sharded(p) or _sharded(q):
         return _two_sums(p, q, red)
+    rows = math.prod(p.shape[:nred])
     kept = p.shape[nred:]
     shape = (rows // b, b) + kept
     zero = jnp.zeros((), p.dtype)
