@@ -44,6 +44,9 @@ class Contender:
     run: Callable[[], Any]
     result: Callable[[], dict[str, np.ndarray]]
     compiled: Any = None  # jax Compiled of the timed program, when there is one
+    # Dispatches one call and returns its outputs without waiting (JAX's
+    # asynchronous dispatch); None for contenders that compute synchronously.
+    launch: Callable[[], Any] | None = None
 
 
 def _jax_contender(compiled, args, to_result) -> Contender:
@@ -53,7 +56,7 @@ def _jax_contender(compiled, args, to_result) -> Contender:
     def result():
         return to_result(block(compiled(*args)))
 
-    return Contender(run, result, compiled)
+    return Contender(run, result, compiled, launch=lambda: compiled(*args))
 
 
 # ------------------------------------------------------------------------- data

@@ -11,9 +11,10 @@ The 8-device part (sync) runs in a subprocess. Sections:
 fwdbwd     training-mode forward + backward: ``jax.grad`` of ``sum(y * w)`` w.r.t.
            x, scale and bias (y returned too) for jaxbn.batch_norm, jaxbn.BatchNorm,
            flax.linen.BatchNorm (its defaults) and torch.nn.functional.batch_norm
-           with autograd (channels-last), float32. Also: the memory floor, the
-           full-size passes XLA makes (from the compiled HLO) and the compiled
-           temporary memory of each JAX contender.
+           with autograd (channels-last), float32; timed per call and pipelined
+           (8 calls dispatched before one wait, as a training loop runs). Also:
+           the memory floor, the full-size passes XLA makes (from the compiled
+           HLO) and the compiled temporary memory of each JAX contender.
 infer      inference mode (running statistics).
 fold       Conv + BN against the BN folded into the Conv, and the Conv alone.
 reduce     XLA's per-feature sums with and without a broadcast operand (why
@@ -134,6 +135,25 @@ def check_and_time(rep, where, cons, ref, x, budget):
     return fns, times, {k: H.median_us(v) for k, v in times.items()}
 
 
+#: Calls in flight in the pipelined timing of :func:`time_pipelined`.
+PIPELINE = 8
+
+
+def time_pipelined(cons, x, budget):
+    """Time per call when ``PIPELINE`` calls are dispatched before one wait, as a
+    training loop dispatches its steps (JAX returns before the work is done, so
+    the dispatch of a call overlaps the execution of the one before it).
+    Contenders without asynchronous dispatch (torch) make their calls in turn.
+    Interleaved rounds like :func:`check_and_time`; returns medians in us per call."""
+    x = jax.numpy.asarray(x)
+    copy = jax.jit(lambda v: v + 1).lower(x).compile()
+    launches = {name: con.launch or con.run for name, con in cons.items()}
+    launches[COPY] = lambda: copy(x)
+    fns = {name: (lambda f=f: H.block([f() for _ in range(PIPELINE)])) for name, f in launches.items()}
+    times = H.interleave(fns, warmup=2, min_rounds=5, max_rounds=150, budget_s=budget)
+    return {k: H.median_us(v) / PIPELINE for k, v in times.items()}
+
+
 def passes_str(h: dict) -> str:
     """``passes / kernels``, with the costlier branch of any conditional in brackets."""
     out = f"{h['passes']:g} / {h['kernels']}"
@@ -193,6 +213,9 @@ def section_fwdbwd(rep: Report, shapes, budget: float, with_torch: bool) -> None
                 entry[f"over_{'flax' if base == FLAX else 'torch'}"] = {
                     k: v / med[base] for k, v in med.items() if k not in (COPY, base)
                 }
+        pipe = time_pipelined(cons, p["x"], budget / 2)
+        entry["pipelined_us"] = pipe
+        entry["pipelined_over_flax"] = {k: v / pipe[FLAX] for k, v in pipe.items() if k not in (COPY, FLAX)}
         entry["page_faults_per_call"] = {
             k: H.page_faults_per_call(f, calls=3 if budget < 1 else 10) for k, f in fns.items()
         }
@@ -206,7 +229,13 @@ def section_fwdbwd(rep: Report, shapes, budget: float, with_torch: bool) -> None
             "   " + "  ".join(f"{k}: {fmt_us(v)}" for k, v in med.items()) + f"  [{entry['rounds']} rounds]",
             flush=True,
         )
+        print("   pipelined: " + "  ".join(f"{k}: {fmt_us(v)}" for k, v in pipe.items()), flush=True)
     rep.data["fwdbwd"] = results
+    rep.data["fwdbwd_pipelined_geomean"] = {
+        f"{name} / {FLAX}": H.geomean([e["pipelined_over_flax"][name] for e in results])
+        for name in (JAXBN_FN, JAXBN_MOD, TORCH)
+        if results and all(name in e["pipelined_over_flax"] for e in results)
+    }
     summary = {}
     for name in (JAXBN_FN, JAXBN_MOD, TORCH):
         for base, key in ((FLAX, "over_flax"), (TORCH, "over_torch")):
@@ -593,6 +622,26 @@ def render(rep: Report) -> str:
             "Ratios (fn = jaxbn.batch_norm, module = jaxbn.BatchNorm; below 1 = faster than the "
             "baseline; floor = 8 passes at the copy bandwidth):\n\n" + table(header, rows)
         )
+
+        if all("pipelined_us" in e for e in d["fwdbwd"]):
+            rows = []
+            for e in d["fwdbwd"]:
+                t, r = e["pipelined_us"], e["pipelined_over_flax"]
+                rows.append(
+                    [shape_str(e["shape"])]
+                    + [fmt_us(t.get(n)) for n in names]
+                    + [fmt_us(t[COPY])]
+                    + [fmt_x(r.get(n)) for n in names if n != FLAX]
+                )
+            g = d.get("fwdbwd_pipelined_geomean", {})
+            rows.append(
+                ["geomean"] + [""] * (len(names) + 1) + [fmt_x(g.get(f"{n} / {FLAX}")) for n in names if n != FLAX]
+            )
+            header = ["shape"] + names + ["copy (x + 1)"] + [f"{short[n]} / flax" for n in names if n != FLAX]
+            parts.append(
+                f"Pipelined: {PIPELINE} calls dispatched before one wait, as a training loop dispatches "
+                "its steps (torch computes each call before returning), time per call:\n\n" + table(header, rows)
+            )
 
         rows = []
         jnames = [n for n in (JAXBN_FN, JAXBN_MOD, FLAX) if n in names]

@@ -58,6 +58,8 @@ def test_quick_benchmark_has_every_contender(quick_run):
         assert expected <= set(entry["times_us"]), entry["times_us"].keys()
         assert all(t > 0 for t in entry["times_us"].values())
         assert entry["floor_us"] > 0
+        assert expected <= set(entry["pipelined_us"]), entry["pipelined_us"].keys()
+        assert all(t > 0 for t in entry["pipelined_us"].values())
         for name in ("jaxbn.batch_norm", "jaxbn.BatchNorm", "flax.linen.BatchNorm"):
             assert entry["temp_bytes"][name] >= 0
             assert entry["hlo"][name]["passes"] > 0
