@@ -59,6 +59,13 @@ def _jax_contender(compiled, args, to_result) -> Contender:
     return Contender(run, result, compiled, launch=lambda: compiled(*args))
 
 
+def copy_contender(x: np.ndarray) -> Contender:
+    """``x + 1`` into a fresh buffer: the copy that measures the bandwidth of the floor."""
+    xj = jnp.asarray(x)
+    compiled = jax.jit(lambda v: v + 1).lower(xj).compile()
+    return _jax_contender(compiled, (xj,), lambda out: {"y": np.asarray(out)})
+
+
 # ------------------------------------------------------------------------- data
 
 

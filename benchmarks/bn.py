@@ -118,19 +118,18 @@ class Report:
         return not self.data["errors"] and all(a["ok"] for a in self.data["agreement"])
 
 
-def check_and_time(rep, where, cons, ref, x, budget):
+def check_and_time(rep, where, cons, ref, copy, budget):
     """Checks every contender against ``ref`` (dropping failures), then times them
-    interleaved with a copy of ``x`` (``x + 1``); returns (timed callables, times, medians in us)."""
+    interleaved with ``copy`` (:func:`_contenders.copy_contender` of the input);
+    returns (timed callables, times, medians in us)."""
     for name, con in list(cons.items()):
         try:
             rep.agree(where, name, con.result(), ref, TOL)
         except Exception as e:  # noqa: BLE001
             rep.error(f"{where} {name}", e)
             del cons[name]
-    x = jax.numpy.asarray(x)
-    copy = jax.jit(lambda v: v + 1).lower(x).compile()
     fns = {name: con.run for name, con in cons.items()}
-    fns[COPY] = lambda: H.block(copy(x))
+    fns[COPY] = copy.run
     times = H.interleave(fns, warmup=2, min_rounds=5, max_rounds=300, budget_s=budget)
     return fns, times, {k: H.median_us(v) for k, v in times.items()}
 
@@ -139,16 +138,14 @@ def check_and_time(rep, where, cons, ref, x, budget):
 PIPELINE = 8
 
 
-def time_pipelined(cons, x, budget):
+def time_pipelined(cons, copy, budget):
     """Time per call when ``PIPELINE`` calls are dispatched before one wait, as a
     training loop dispatches its steps (JAX returns before the work is done, so
     the dispatch of a call overlaps the execution of the one before it).
     Contenders without asynchronous dispatch (torch) make their calls in turn.
     Interleaved rounds like :func:`check_and_time`; returns medians in us per call."""
-    x = jax.numpy.asarray(x)
-    copy = jax.jit(lambda v: v + 1).lower(x).compile()
     launches = {name: con.launch or con.run for name, con in cons.items()}
-    launches[COPY] = lambda: copy(x)
+    launches[COPY] = copy.launch
     fns = {name: (lambda f=f: H.block([f() for _ in range(PIPELINE)])) for name, f in launches.items()}
     times = H.interleave(fns, warmup=2, min_rounds=5, max_rounds=150, budget_s=budget)
     return {k: H.median_us(v) / PIPELINE for k, v in times.items()}
@@ -197,7 +194,8 @@ def section_fwdbwd(rep: Report, shapes, budget: float, with_torch: bool) -> None
         except Exception as e:  # noqa: BLE001
             rep.error(f"fwdbwd {shape_str(shape)} build", e)
             continue
-        fns, times, med = check_and_time(rep, f"fwdbwd {shape_str(shape)}", cons, ref, p["x"], budget)
+        copy = C.copy_contender(p["x"])
+        fns, times, med = check_and_time(rep, f"fwdbwd {shape_str(shape)}", cons, ref, copy, budget)
         entry["rounds"] = len(times[COPY])
         entry["times_us"] = med
         entry["min_us"] = {k: min(v) * 1e6 for k, v in times.items()}
@@ -213,7 +211,7 @@ def section_fwdbwd(rep: Report, shapes, budget: float, with_torch: bool) -> None
                 entry[f"over_{'flax' if base == FLAX else 'torch'}"] = {
                     k: v / med[base] for k, v in med.items() if k not in (COPY, base)
                 }
-        pipe = time_pipelined(cons, p["x"], budget / 2)
+        pipe = time_pipelined(cons, copy, budget / 2)
         entry["pipelined_us"] = pipe
         entry["pipelined_over_flax"] = {k: v / pipe[FLAX] for k, v in pipe.items() if k not in (COPY, FLAX)}
         entry["page_faults_per_call"] = {
@@ -261,7 +259,7 @@ def section_infer(rep: Report, shapes, budget: float, with_torch: bool) -> None:
         except Exception as e:  # noqa: BLE001
             rep.error(f"infer {shape_str(shape)} build", e)
             continue
-        _, times, med = check_and_time(rep, f"infer {shape_str(shape)}", cons, ref, p["x"], budget)
+        _, times, med = check_and_time(rep, f"infer {shape_str(shape)}", cons, ref, C.copy_contender(p["x"]), budget)
         entry = {"shape": list(shape), "times_us": med, "rounds": len(times[COPY])}
         entry["min_us"] = {k: min(v) * 1e6 for k, v in times.items()}
         if FLAX in cons and cons[FLAX].compiled is not None:

@@ -218,5 +218,6 @@ def main(argv: list[str] | None = None) -> None:
         cells = [f"{med[n]:.2f} s" for n in names] + [f"{med['trainer'] / med[n]:.2f}x" for n in others]
         print(f"| {norm} | " + " | ".join(cells) + " |")
 
+
 if __name__ == "__main__":
     main()
