@@ -20,9 +20,14 @@ which simplifies to::
     dx = gamma*s * (dy - sum(dy)/m - xhat * sum(dy*xhat)/m) + g_mu/m + 2 g_var (x - mu)/m
 
 Only two reductions over the batch remain (sum(dy) and sum(dy*xhat), which are
-also dbeta and dgamma); under ``axis_name`` they and the statistic cotangents
-are summed across devices in one ``psum``. dgamma and dbeta stay per-device,
-like the gradient of any replicated parameter.
+also dbeta and dgamma); under ``axis_name`` they are summed across devices in
+one ``psum``. dgamma and dbeta stay per-device, like the gradient of any
+replicated parameter. The custom VJP computes the dy terms; the g_mu and g_var
+terms come from ``_stat_links``, a tangent map on the returned statistics
+that JAX transposes, so that their cotangents are pooled across devices as JAX
+pools any collective's (under ``vmap`` they arrive once for all devices, under
+``pmap`` once per device). Statistics that are not differentiated (the modules
+stop their gradient) cost nothing there.
 
 Memory traffic (the kernels are memory-bound). A training step reads x for the
 statistics, reads x and writes y, reads dy and x for the backward reductions,
@@ -203,24 +208,18 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
         sum_dy_xc = jnp.sum(jnp.where(valid, dyf * (xv + v.bcast(-mean)), 0), axis=v.red)
     sum_dy = v.fold_sum(col_dy)
     sum_dy_xhat = v.fold_sum(sum_dy_xc) * inv
-    g_mean = dmom.mean.astype(sd)
-    g_var = dmom.var.astype(inv.dtype)
-    # Under a typed shard_map (check_vma=True) the returned statistics are
-    # invariant over ``axis_name``, so their cotangents already are totals; in
-    # pmap/vmap or untyped code each device holds its own share and they are summed.
+    # dmom, the cotangent of the returned statistics, is taken by _stat_links.
+    del dmom
     typed = bool(_varying(x))
     if cfg.axis_name is not None:
-        parts = [sum_dy, sum_dy_xhat] + ([] if typed else [g_mean, g_var.astype(sd)])
-        tot = lax.psum(jnp.stack(parts), cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
+        tot = lax.psum(jnp.stack([sum_dy, sum_dy_xhat]), cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
         tot_dy, tot_dy_xhat = tot[0], tot[1]
-        if not typed:
-            g_mean, g_var = tot[2], tot[3].astype(g_var.dtype)
     else:
         tot_dy, tot_dy_xhat = sum_dy, sum_dy_xhat
-    inv_m = jnp.where(count > 0, 1 / jnp.maximum(count, 1), 0).astype(count.dtype)
+    inv_m = _inverse_count(count)
     a = inv if scale is None else inv * scale.astype(sd)  # gamma * s
-    b = g_mean * inv_m - a * tot_dy * inv_m
-    c = 2 * g_var * inv_m - a * tot_dy_xhat * inv_m * inv
+    b = -a * tot_dy * inv_m
+    c = -a * tot_dy_xhat * inv_m * inv
     # dx = a*dy + b + c*(x - mu), in the input's layout (see apply_affine);
     # masked positions get zero gradient.
     red = cfg.red
@@ -295,10 +294,81 @@ def _param_grad(local, total, param, axis_name, typed):
 
 _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
+
+def _inverse_count(count):
+    """``1 / count``, and 0 where nothing was counted (an empty or masked-out batch)."""
+    return jnp.where(count > 0, 1 / jnp.maximum(count, 1), 0).astype(count.dtype)
+
+
+def _pooled_sum(cfg: _Config, t, mask):
+    """``sum(t)`` over the batch axes and over ``axis_name``, masked-out positions excluded."""
+    if mask is not None:  # masked-out x may be NaN or inf padding
+        t = jnp.where(jnp.broadcast_to(jnp.asarray(mask, bool), t.shape), t, 0)
+    s = jnp.sum(t, axis=cfg.red)
+    if cfg.axis_name is not None:
+        s = lax.psum(s, cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
+    return s
+
+
+# The custom VJP above takes only the cotangent of y. ``batch_norm`` returns
+# ``mean + _mean_link(...)`` and ``var + _var_link(...)``: zeros whose tangents
+# are those of the batch statistics as functions of x,
+#
+#     d mean = sum(dx) / m,    d var = 2 sum(dx * (x - mu)) / m    (pooled)
+#
+# (``sum(x - mu) = 0`` drops mu's own tangent from ``d var``), so the
+# cotangents of the returned statistics reach x through the transpose of these
+# maps. JAX transposes their ``psum`` as it transposes any collective, under
+# every transform: a cotangent that ``vmap`` delivers once for all devices (the
+# statistics are not batched there) is not summed again, one that ``pmap``
+# delivers per device is. ``_var_link`` takes the linked mean, so that second
+# derivatives see mu's dependence on x. Statistics whose cotangent is zero
+# cost nothing here.
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _mean_link(cfg: _Config, x, mask, count):
+    del x, mask
+    return jnp.zeros(count.shape, count.dtype)
+
+
+@_mean_link.defjvp
+def _mean_link_jvp(cfg: _Config, primals, tangents):
+    x, mask, count = primals
+    sd = count.dtype
+    return _mean_link(cfg, *primals), _pooled_sum(cfg, tangents[0].astype(sd), mask) * _inverse_count(count)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _var_link(cfg: _Config, x, mask, mean, count):
+    del x, mask, mean
+    return jnp.zeros(count.shape, count.dtype)
+
+
+@_var_link.defjvp
+def _var_link_jvp(cfg: _Config, primals, tangents):
+    x, mask, mean, count = primals
+    sd = count.dtype
+    d = x.astype(sd) - _expand(mean, cfg.red)
+    if mask is not None:  # the transpose multiplies by d: no NaN padding in it
+        d = jnp.where(jnp.asarray(mask, bool), d, 0)
+    return _var_link(cfg, *primals), 2 * _pooled_sum(cfg, tangents[0].astype(sd) * d, mask) * _inverse_count(count)
+
+
+def _batch_norm_linked(cfg: _Config, x, scale, bias, mask):
+    y, mom = _batch_norm(cfg, x, scale, bias, mask)
+    # Only the links carry the statistics' derivatives. (Higher-order
+    # differentiation also traces _batch_norm's forward as plain JAX, whose own
+    # derivative of the statistics would then be counted twice.)
+    mean, var, count = (lax.stop_gradient(v) for v in mom)
+    mean = mean + _mean_link(cfg, x, mask, count)
+    return y, Moments(mean, var + _var_link(cfg, x, mask, mean, count), count)
+
+
 # Called outside jit (eager code, ``Module.init``), the kernel would run op by op,
 # compiling and dispatching a few dozen tiny programs; as one jitted program it
 # compiles once per configuration. Inside jit this is inlined and costs nothing.
-_batch_norm_jit = jax.jit(_batch_norm, static_argnums=(0,))
+_batch_norm_jit = jax.jit(_batch_norm_linked, static_argnums=(0,))
 
 
 def batch_norm(

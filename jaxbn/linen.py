@@ -206,7 +206,7 @@ class BatchNorm(nn.Module):
         if self.is_mutable_collection(MOMENTS_COLLECTION):
             self.sow(MOMENTS_COLLECTION, "moments", out.batch, reduce_fn=lambda _, new: new)
         if not self.is_mutable_collection("batch_stats"):
-            raise _immutable_error("/".join(("",) + tuple(self.scope.path)))
+            raise _immutable_error("/" + "/".join(self.scope.path))
         new = _layer.update_running(
             _layer.RunningState(
                 ra_mean.value,

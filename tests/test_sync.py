@@ -451,11 +451,9 @@ def test_shard_map_forward(mesh_shape, names, pool, check_vma):
 def test_shard_map_grad_of_global_loss(check_vma, affine):
     """The idiomatic use: jax.grad of a global loss around a shard_map'd batch_norm.
 
-    With the default check_vma=True this currently FAILS (jaxbn bug, see report):
-    the custom VJP returns a device-varying cotangent for the replicated
-    scale/bias (JAX raises), and it psums the already-total cotangent of the
-    replicated mean/var, so their contribution to dx is multiplied by the
-    number of devices.
+    With check_vma=True the replicated scale/bias need invariant cotangents, and
+    the cotangents of the replicated mean/var arrive once, as totals: summing
+    them over the devices again would multiply their part of dx by 8.
     """
     shape, axis = (6, 7), -1
     p = _problem(shape, axis, seed=50)
@@ -496,6 +494,54 @@ def test_shard_map_grad_of_global_loss(check_vma, affine):
         g, rg = (g,), rg[:1]
     for name, a, b in zip(("dx", "dscale", "dbias"), g, rg):
         _close(a, b, name)
+
+
+@pytest.mark.parametrize(
+    "mapper,stats_out",
+    [("vmap", "per-device"), ("vmap", "unbatched"), ("nested-vmap", "per-device"), ("pmap", "per-device")],
+)
+def test_grad_of_global_loss_around_mapped_batch_norm(mapper, stats_out):
+    """jax.grad outside vmap/pmap of the summed per-device losses, statistics included.
+
+    Under vmap the synced statistics are not batched, so their cotangent arrives
+    once for all devices; jaxbn used to psum it again in its backward pass, which
+    multiplied their part of dx by the number of devices (here 8). With
+    ``stats_out="unbatched"`` vmap returns the statistics with ``out_axes=None``
+    (which also checks that they stay unbatched) and the loss adds them once.
+    """
+    shape, axis = (6, 7), -1
+    p = _problem(shape, axis, seed=55)
+    u, v, w = p["u"], p["v"], p["w"]
+    pool = ("a", "b") if mapper == "nested-vmap" else "i"
+
+    def per_device(x, scale, bias, w):
+        y, m = jaxbn.batch_norm(x, scale, bias, axis=axis, axis_name=pool)
+        return jnp.sum(y * w), m.mean, m.var
+
+    in_axes = (0, None, None, 0)
+    if mapper == "pmap":
+        mapped = jax.pmap(per_device, axis_name="i", in_axes=in_axes)
+    elif mapper == "vmap":
+        out_axes = (0, None, None) if stats_out == "unbatched" else 0
+        mapped = jax.vmap(per_device, axis_name="i", in_axes=in_axes, out_axes=out_axes)
+    else:
+        inner = jax.vmap(per_device, axis_name="b", in_axes=in_axes)
+        outer = jax.vmap(inner, axis_name="a", in_axes=in_axes)
+
+        def mapped(x, scale, bias, w):
+            r = outer(x.reshape((2, 4) + x.shape[1:]), scale, bias, w.reshape((2, 4) + w.shape[1:]))
+            return jax.tree.map(lambda t: t.reshape((D,) + t.shape[2:]), r)
+
+    def loss(x, scale, bias):
+        yl, mean, var = mapped(x, scale, bias, w)
+        stat = jnp.sum(mean * u) + jnp.sum(var * v)
+        return jnp.sum(yl) + (stat if stats_out == "unbatched" else stat / D)
+
+    g = jax.jit(jax.grad(loss, (0, 1, 2)))(p["x"], p["scale"], p["bias"])
+    _, _, rg = _ref_bn(_flat(p["x"]), p["scale"], p["bias"], _flat(w), u, v, axis=axis)
+    _close(_flat(g[0]), rg[0], f"{mapper}: dx")
+    _close(g[1], rg[1], f"{mapper}: dscale")
+    _close(g[2], rg[2], f"{mapper}: dbias")
 
 
 # ---------------------------------------------------------- jit over a sharded batch
