@@ -73,20 +73,37 @@ def run_cli(args: list[str], timeout: float = TIMEOUT_S, **env: str) -> subproce
     )
 
 
-def read_event_tags(tb_dir: Path) -> set[str]:
-    """Scalar tags in the TensorBoard event files of `tb_dir` (TFRecord framing)."""
+def read_events(tb_dir: Path) -> list:
+    """The events of `tb_dir`'s TensorBoard files, oldest file first (TFRecord framing)."""
     from tensorboardX.proto import event_pb2
 
-    tags = set()
-    for path in tb_dir.glob("events.out.tfevents.*"):
+    events = []
+    for path in sorted(tb_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
         data = path.read_bytes()
         pos = 0
         while pos < len(data):
             (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-            tags.update(v.tag for v in event.summary.value)
+            events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
             pos += 12 + length + 4
-    return tags
+    return events
+
+
+def read_event_tags(tb_dir: Path) -> set[str]:
+    """Scalar tags in the TensorBoard event files of `tb_dir`."""
+    return {v.tag for event in read_events(tb_dir) for v in event.summary.value}
+
+
+def visible_scalar_steps(tb_dir: Path, tag: str) -> list[int]:
+    """Steps of `tag` that TensorBoard shows: a SessionLog START at step s (a
+    writer's purge_step) discards the earlier events at steps >= s."""
+    from tensorboardX.proto import event_pb2
+
+    kept: list[tuple[int, str]] = []
+    for event in read_events(tb_dir):
+        if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+            kept = [(step, t) for step, t in kept if step < event.step]
+        kept += [(event.step, v.tag) for v in event.summary.value]
+    return sorted(step for step, t in kept if t == tag)
 
 
 def params_and_stats(state: loop.TrainState) -> dict:
@@ -202,16 +219,36 @@ def test_unknown_key_lists_the_valid_keys(tmp_path):
                                   "Valid keys:", "  learning_rate"]),
         ("--config.batch_size=abc", ["--config.batch_size=abc: expected int", "Valid keys:"]),
         ("--config.batch_size=-4", ["config.batch_size=-4: expected an integer >= 1"]),
+        ("--config.noprogress_bar", ["--config.noprogress_bar: write --config.progress_bar=false"]),
+        # None is None, not the text 'None' (which would send the loader to ./None)
+        ("--config.data_source=idx --config.data_dir=None",
+         ["config.data_dir=None: expected the directory with the four IDX files"]),
+        ("--config.data_source=cache", ["no MNIST cache at"]),
     ],
 )
 def test_cli_rejects_bad_overrides(tmp_path, override, expected):
-    proc = run_cli(["--config", "configs/lenet_bn.py", "--workdir", str(tmp_path / "w"), override],
-                   timeout=120)
+    proc = run_cli(["--config", "configs/lenet_bn.py", "--workdir", str(tmp_path / "w"),
+                    *override.split()],
+                   timeout=120, JAXBN_DATA_DIR=str(tmp_path / "empty"))
     assert proc.returncode != 0
     for text in expected:
         assert text in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "w" / "checkpoints").exists()
+    assert not list((tmp_path / "w" / "checkpoints").glob("[0-9]*"))  # nothing was trained
+
+
+def test_without_validation_split_metrics_are_null_not_nan(tmp_path):
+    """metrics.jsonl stays strict JSON: absent metrics are null (JSON has no NaN)."""
+    metrics = loop.train_and_evaluate(load("mlp_bn", validation_fraction=0.0), str(tmp_path))
+    assert metrics["val_accuracy"] is None and metrics["val_loss"] is None
+    assert 0 <= metrics["test_accuracy"] <= 1
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in metrics.jsonl")
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=no_constants) for line in lines]
+    assert records[-1]["final"] and records[-1]["val_accuracy"] is None
 
 
 def test_chunk_plan_covers_the_epoch():
@@ -421,6 +458,27 @@ def test_restart_after_completion_restores_instead_of_training(tmp_path):
     assert [r["epoch"] for r in more.history] == [1, 2, 3] and more.history[:2] == first.history
     config.batch_size = 16
     with pytest.raises(ConfigError, match="batch_size: 32 -> 16"):
+        loop.train(config, str(tmp_path))
+    # TensorBoard keeps every epoch's scalars across the two resumes.
+    spe = more.metrics["steps"] // 3
+    assert visible_scalar_steps(tmp_path / "tb", "epoch/val_accuracy") == [spe, 2 * spe, 3 * spe]
+
+
+def test_fresh_run_in_a_used_workdir_replaces_its_tensorboard_scalars(tmp_path):
+    config = load("mlp_bn", checkpoint=False)
+    for _ in range(2):
+        metrics = loop.train_and_evaluate(config, str(tmp_path))
+    assert visible_scalar_steps(tmp_path / "tb", "epoch/val_accuracy") == [metrics["steps"]]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line).get("epoch") for line in lines] == [1, None]
+
+
+def test_resume_refuses_to_stretch_a_decaying_schedule(tmp_path):
+    """cosine/onecycle span the whole run: more epochs would change the curve mid-way."""
+    config = load("mlp_bn", num_epochs=1, schedule="cosine")
+    loop.train(config, str(tmp_path))
+    config.num_epochs = 2
+    with pytest.raises(ConfigError, match="num_epochs=2 differs from the checkpoint's 1"):
         loop.train(config, str(tmp_path))
 
 

@@ -81,12 +81,15 @@ def base_config() -> ml_collections.ConfigDict:
       dense_features: widths of the hidden dense layers (LeNet and MLP).
       kernel_init: initializer of conv and dense kernels (biases start at 0).
       bn_momentum, bn_epsilon: BatchNorm running-average momentum (Flax/Keras
-        convention) and epsilon.
+        convention) and epsilon. The momentum only matters with
+        precise_bn_batches=0: otherwise the moving averages are replaced
+        before every evaluation and checkpoint.
       precise_bn_batches: at each epoch end, replace the running statistics
         by the average batch statistics of the current weights over this many
         fixed training batches (the batch-norm paper's inference procedure,
-        Algorithm 2), before evaluation and checkpointing; 0 keeps the moving
-        averages (Keras' and Flax's behaviour).
+        Algorithm 2, with the average biased batch variance where the paper
+        scales it by m / (m - 1)), before evaluation and checkpointing; 0
+        keeps the moving averages (Keras' and Flax's behaviour).
       dataset: "mnist" (real data via train.data.load_mnist) or "synthetic"
         (small deterministic class-dependent blobs, for tests).
       data_source, data_dir: passed to train.data.load_mnist.
@@ -322,6 +325,9 @@ def check_values(config: Mapping[str, Any] | ml_collections.ConfigDict) -> None:
                  "an integer >= 1")
     if config.process_id is not None:
         _require(config.process_id >= 0, "process_id", config.process_id, "an integer >= 0")
+    if config.data_source == "idx":
+        _require(config.data_dir is not None, "data_dir", config.data_dir,
+                 "the directory with the four IDX files when config.data_source='idx'")
     if config.cpu_ynn_fusions not in ("auto", "none", "xla"):
         kinds = [k.strip() for k in config.cpu_ynn_fusions.split(",")]
         _require(all(k in YNN_FUSION_KINDS for k in kinds), "cpu_ynn_fusions",
@@ -519,8 +525,20 @@ def check_overrides(argv: Sequence[str], flag_name: str = "config") -> None:
             _parse_value(name, text)
             continue
         if name.startswith("no") and name[2:] in schema and schema[name[2:]][0] is bool and not eq:
-            continue
+            raise ConfigError(f"{arg}: write --{flag_name}.{name[2:]}=false.")
         raise ConfigError(_unknown_key_message(name, f" in {arg!r}"))
+
+
+def none_literals(config: ml_collections.ConfigDict) -> None:
+    """Sets the optional keys given as ``--config.key=None`` to None, in place.
+
+    ml_collections assigns the text 'None' to an optional string key;
+    :func:`check_overrides` and :func:`apply_overrides` read it as None.
+    """
+    for key, (_, optional) in _schema().items():
+        value = config[key]
+        if optional and isinstance(value, str) and value.lower() == "none":
+            config[key] = None
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:

@@ -60,11 +60,14 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    from train.data import DataFormatError, SourceUnavailableError
     from train.loop import train_and_evaluate
 
+    config = _CONFIG.value
+    config_base.none_literals(config)
     try:
-        metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except config_base.ConfigError as e:
+        metrics = train_and_evaluate(config, _WORKDIR.value)
+    except (config_base.ConfigError, DataFormatError, SourceUnavailableError) as e:
         sys.stderr.write(f"jaxbn-train: error: {e}\n")
         sys.exit(2)
     print(json.dumps(metrics, indent=2, sort_keys=True))
