@@ -41,7 +41,7 @@ def _path(module: nn.Module) -> tuple[str, ...]:
 def _find_pairs(model: nn.Module, variables, args, kwargs):
     """Runs the model once and records each BN whose input is exactly a Dense/Conv output."""
     outputs: dict[int, tuple[nn.Module, Any]] = {}
-    pairs: list[tuple[tuple[str, ...], tuple[str, ...], nn.Module, nn.Module]] = []
+    pairs: list[tuple[tuple[str, ...], tuple[str, ...], nn.Module, nn.Module, int]] = []
 
     def interceptor(next_fun, call_args, call_kwargs, context):
         out = next_fun(*call_args, **call_kwargs)
@@ -53,7 +53,7 @@ def _find_pairs(model: nn.Module, variables, args, kwargs):
         elif isinstance(mod, _NORMS) and call_args:
             hit = outputs.get(id(call_args[0]))
             if hit is not None and hit[1] is call_args[0]:
-                pairs.append((_path(hit[0]), _path(mod), hit[0], mod))
+                pairs.append((_path(hit[0]), _path(mod), hit[0], mod, call_args[0].ndim))
         return out
 
     with nn.intercept_methods(interceptor):
@@ -94,10 +94,13 @@ def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any], *args: Any, 
     params = traverse_util.flatten_dict(unfreeze(variables["params"]))
     stats = traverse_util.flatten_dict(unfreeze(variables.get("batch_stats", {})))
     folded_bn, biased = set(), set()
-    for lin_path, bn_path, lin, bn in pairs:
-        axis = bn.axis if isinstance(bn.axis, int) else tuple(bn.axis)
-        if axis not in (-1, (-1,)) and axis != len(params[lin_path + ("kernel",)].shape) - 1:
-            raise ValueError(f"BatchNorm {'/'.join(bn_path)} normalizes axis {bn.axis}; only the last axis folds.")
+    for lin_path, bn_path, lin, bn, ndim in pairs:
+        axes = (bn.axis,) if isinstance(bn.axis, int) else tuple(bn.axis)
+        if tuple(a % ndim for a in axes) != (ndim - 1,):
+            raise ValueError(
+                f"BatchNorm {'/'.join(bn_path)} normalizes axis {bn.axis} of its {ndim}-D input; "
+                f"only the last axis (the Dense/Conv features) folds."
+            )
         kernel = params[lin_path + ("kernel",)]
         mean = np.asarray(stats[bn_path + ("mean",)], np.float64)
         var = np.asarray(stats[bn_path + ("var",)], np.float64)
@@ -133,7 +136,7 @@ def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any], *args: Any, 
         with nn.intercept_methods(interceptor):
             return model.apply(folded_variables, *a, **kw)
 
-    names = tuple(("/".join(lp), "/".join(bp)) for lp, bp, _, _ in pairs)
+    names = tuple(("/".join(lp), "/".join(bp)) for lp, bp, *_ in pairs)
     return FoldedModel(out, apply, names)
 
 

@@ -63,6 +63,9 @@ class TrainOut(NamedTuple):
     batch: Moments  # statistics that feed the running averages (feature shape)
     renorm_mean: jax.Array | None  # batch mean and std for the renorm moving averages
     renorm_std: jax.Array | None
+    # With ghost batches: the average of each ghost's unbiased variance, which
+    # unbiased_running_var stores (n/(n-1) of the average needs each ghost's n).
+    unbiased_var: jax.Array | None = None
 
 
 def _ghost_view(x, mask, lay: Layout, virtual_batch_size: int):
@@ -86,14 +89,27 @@ def _ghost_view(x, mask, lay: Layout, virtual_batch_size: int):
     return xg, mg, features, red, g
 
 
-def _ghost_reduce(mom: Moments, axis_name, groups) -> Moments:
-    """Count-weighted average over ghost batches (and devices) of their mean and variance."""
+def _in_layout(v, lay: Layout):
+    """A feature-shaped ``v`` with size-1 axes inserted at x's reduction axes (else ``v``)."""
+    if jnp.ndim(v) == len(lay.fshape) and jnp.shape(v) == lay.fshape:
+        return jnp.expand_dims(jnp.asarray(v), lay.red)
+    return v
+
+
+def _ghost_reduce(mom: Moments, axis_name, groups) -> tuple[Moments, jax.Array]:
+    """Count-weighted average over ghost batches (and devices) of their mean and variance.
+
+    Also returns the average of each ghost's unbiased variance ``n/(n-1) var``
+    (what ``unbiased_running_var`` stores: it needs each ghost's own n), in the
+    same collective.
+    """
     w = mom.count
-    sums = jnp.stack([jnp.sum(w * mom.mean, 0), jnp.sum(w * mom.var, 0), jnp.sum(w, 0)])
+    unbiased = mom.var * (w / jnp.maximum(w - 1, 1)).astype(mom.var.dtype)
+    sums = jnp.stack([jnp.sum(w * v, 0) for v in (mom.mean, mom.var, unbiased)] + [jnp.sum(w, 0)])
     if axis_name is not None:
         sums = lax.psum(sums, axis_name, axis_index_groups=groups)
-    inv = jnp.where(sums[2] > 0, 1 / jnp.maximum(sums[2], 1), 0).astype(sums.dtype)
-    return Moments(sums[0] * inv, sums[1] * inv, sums[2])
+    inv = jnp.where(sums[3] > 0, 1 / jnp.maximum(sums[3], 1), 0).astype(sums.dtype)
+    return Moments(sums[0] * inv, sums[1] * inv, sums[3]), sums[2] * inv
 
 
 def train(
@@ -126,10 +142,14 @@ def train(
     ``d = clip((mean_B - moving_mean) / moving_std, -dmax, dmax)`` held under
     ``stop_gradient``. ``adjustment=(a, b)`` then maps the value to ``v * a + b``
     before gamma and beta (Keras's order). ``initializing`` skips the
-    single-element check (flax initializes with whatever example it is given).
+    single-element check, and the ghost batches when ``virtual_batch_size``
+    does not divide the batch (flax initializes with whatever example it is
+    given; the output's shape is the same).
     """
     xk, mk, red, ghosts = x, mask, lay.red, None
     stat_axis_name, stat_groups = axis_name, axis_index_groups
+    if initializing and virtual_batch_size and x.shape[0] % virtual_batch_size:
+        virtual_batch_size = None
     if virtual_batch_size is not None:
         xk, mk, _, red, ghosts = _ghost_view(x, mask, lay, virtual_batch_size)
         stat_axis_name = stat_groups = None
@@ -180,12 +200,11 @@ def train(
         bshape = tuple(xk.shape[i] if i not in red else 1 for i in range(xk.ndim))
         a, b = a.reshape(bshape), b.reshape(bshape)
         if adjustment is not None:
-            adj_scale, adj_bias = adjustment
+            adj_scale, adj_bias = (_in_layout(v, lay) for v in adjustment)
             if ghosts is not None:
-                adj_scale, adj_bias = (jnp.reshape(jnp.broadcast_to(v, x.shape), xk.shape) for v in adjustment)
-            elif jnp.ndim(adj_scale) == len(lay.fshape) and jnp.shape(adj_scale) == lay.fshape:
-                adj_scale = jnp.expand_dims(adj_scale, lay.red)
-                adj_bias = jnp.expand_dims(jnp.asarray(adj_bias), lay.red)
+                adj_scale, adj_bias = (
+                    jnp.reshape(jnp.broadcast_to(v, x.shape), xk.shape) for v in (adj_scale, adj_bias)
+                )
             a = a * jnp.asarray(adj_scale, sd)
             b = b * jnp.asarray(adj_scale, sd) + jnp.asarray(adj_bias, sd)
         if scale is not None:
@@ -195,15 +214,16 @@ def train(
             b = b + jnp.expand_dims(expand(bias.astype(sd)), red)
         y = (xhat * a + b).astype(out_dtype)
 
+    unbiased_var = None
     if ghosts is not None:
         y = y.reshape(x.shape)
-        batch = _ghost_reduce(mom, axis_name, axis_index_groups)
+        batch, unbiased_var = _ghost_reduce(mom, axis_name, axis_index_groups)
     else:
         batch = mom
     rmean = rstd = None
     if renorm is not None:
         rmean, rstd = batch.mean, jnp.sqrt(batch.var + epsilon)
-    return TrainOut(y, batch, rmean, rstd)
+    return TrainOut(y, batch, rmean, rstd, unbiased_var)
 
 
 def call_adjustment(adjustment: Callable, shape: tuple[int, ...], rng: jax.Array | None):
@@ -233,6 +253,8 @@ def update_running(
 ) -> RunningState:
     """Folds a training call's statistics into the running state (renorm averages included)."""
     batch = lax.stop_gradient(out.batch)
+    if unbiased and out.unbiased_var is not None:
+        batch, unbiased = batch._replace(var=lax.stop_gradient(out.unbiased_var)), False
     mean, var, count = update_running_stats(
         state.mean, state.var, batch, momentum=momentum, mode=mode, unbiased=unbiased, count=state.count
     )
@@ -240,7 +262,9 @@ def update_running(
     if rn_mean is not None:
         seen = batch.count > 0
         m = renorm_momentum
-        b_mean, b_std = lax.stop_gradient((out.renorm_mean, out.renorm_std))
+        # In the averages' own dtype (float32 even for float64 input under x64).
+        b_mean = lax.stop_gradient(out.renorm_mean).astype(rn_mean.dtype)
+        b_std = lax.stop_gradient(out.renorm_std).astype(rn_std.dtype)
         rn_mean = jnp.where(seen, m * rn_mean + (1 - m) * b_mean, rn_mean)
         rn_std = jnp.where(seen, m * rn_std + (1 - m) * b_std, rn_std)
     return RunningState(mean, var, count, rn_mean, rn_std)

@@ -334,7 +334,7 @@ def _mean_link(cfg: _Config, x, mask, count):
 
 @_mean_link.defjvp
 def _mean_link_jvp(cfg: _Config, primals, tangents):
-    x, mask, count = primals
+    _, mask, count = primals
     sd = count.dtype
     return _mean_link(cfg, *primals), _pooled_sum(cfg, tangents[0].astype(sd), mask) * _inverse_count(count)
 

@@ -77,8 +77,14 @@ def recompute_batch_stats(
     * ``method="average"``: ``E[mean_B]`` and ``m / (m - 1) * E[var_B]`` over the
       batches, as in Ioffe & Szegedy (2015), section 3.1.
 
-    Layers that did not run in training mode (e.g. ``frozen=True``) keep their
-    statistics. Parameters are never changed.
+    A layer called several times per batch contributes every call. A layer with
+    ``virtual_batch_size`` records, per call, what its running averages
+    receive: the mean and the within-ghost variance averaged over its ghost
+    batches (what it normalizes with in training, as Keras's moving averages);
+    the spread between ghost means is not part of it, and ``"average"``'s
+    ``m / (m - 1)`` then uses the whole batch's m. Layers that did not run in
+    training mode (e.g. ``frozen=True``) keep their statistics. Parameters are
+    never changed.
 
     Args:
       apply_fn: ``model.apply`` or any function called as
@@ -108,10 +114,11 @@ def recompute_batch_stats(
     for batch in batches:
         n_batches += 1
         flat = traverse_util.flatten_dict(unfreeze(collect(variables, batch)))
-        for path, mom in flat.items():
+        for path, calls in flat.items():
             layer = path[:-1]  # drop the "moments" key
             stats = acc.setdefault(layer, _Pooled() if method == "pooled" else _Average())
-            stats.add(*(np.asarray(v, np.float64) for v in (mom.count, mom.mean, mom.var)))
+            for mom in calls:  # a module called several times records each call
+                stats.add(*(np.asarray(v, np.float64) for v in (mom.count, mom.mean, mom.var)))
     if n_batches == 0:
         raise ValueError("`batches` is empty: at least one batch is needed.")
     if not acc:

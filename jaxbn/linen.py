@@ -73,7 +73,8 @@ class BatchNorm(nn.Module):
         all batches so far, PyTorch's ``momentum=None``; adds
         ``batch_stats/count``).
       unbiased_running_var: store ``n / (n - 1)`` times the batch variance in the
-        running variance (PyTorch's convention).
+        running variance (PyTorch's convention; with ``virtual_batch_size``,
+        each ghost batch's variance with its own n).
       renorm: batch renormalization (Ioffe 2017): in training, normalized values
         become ``xhat * r + d`` with ``r = clip(std_B / std_mov, rmin, rmax)``,
         ``d = clip((mean_B - mean_mov) / std_mov, -dmax, dmax)`` under
@@ -204,7 +205,7 @@ class BatchNorm(nn.Module):
         if initializing:
             return out.y
         if self.is_mutable_collection(MOMENTS_COLLECTION):
-            self.sow(MOMENTS_COLLECTION, "moments", out.batch, reduce_fn=lambda _, new: new)
+            self.sow(MOMENTS_COLLECTION, "moments", out.batch)  # one entry per call
         if not self.is_mutable_collection("batch_stats"):
             raise _immutable_error("/" + "/".join(self.scope.path))
         new = _layer.update_running(

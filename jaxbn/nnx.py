@@ -131,7 +131,8 @@ class BatchNorm(nnx.Module):
         all batches so far, PyTorch's ``momentum=None``; adds the ``count``
         BatchStat, int32).
       unbiased_running_var: store ``n / (n - 1)`` times the batch variance in the
-        running variance (PyTorch's convention).
+        running variance (PyTorch's convention; with ``virtual_batch_size``,
+        each ghost batch's variance with its own n).
       renorm: batch renormalization (Ioffe 2017): in training, normalized values
         become ``xhat * r + d`` with ``r = clip(std_B / std_mov, rmin, rmax)``,
         ``d = clip((mean_B - mean_mov) / std_mov, -dmax, dmax)`` under

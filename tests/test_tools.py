@@ -1,6 +1,7 @@
 """Population statistics, folding, stale-statistics checks and the weight-decay mask."""
 
 import warnings
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -48,6 +49,21 @@ def test_recompute_batch_stats_equals_numpy_over_all_data(method):
     jax.tree.map(np.testing.assert_array_equal, out["params"], v["params"])
 
 
+def test_recompute_batch_stats_pools_every_call_of_a_shared_layer():
+    class Shared(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            bn = jaxbn.BatchNorm(use_running_average=not train)
+            return bn(x) + bn(x * 10 + 5)
+
+    model, batches = Shared(), _batches(2)
+    v = model.init(jax.random.key(0), batches[0], train=False)
+    out = jaxbn.recompute_batch_stats(model.apply, v, batches, train=True)
+    seen = np.concatenate([np.asarray(b, np.float64) * k + c for b in batches for k, c in ((1, 0), (10, 5))])
+    np.testing.assert_allclose(out["batch_stats"]["BatchNorm_0"]["mean"], seen.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(out["batch_stats"]["BatchNorm_0"]["var"], seen.var(0), rtol=1e-5)
+
+
 def test_recompute_batch_stats_errors():
     model = InputNormMLP()
     b = _batches(1)
@@ -92,6 +108,32 @@ def test_fold_batch_norm_matches_unfolded(norm, conv_bias):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
     jaxpr = str(jax.make_jaxpr(lambda p: folded.apply(p, x, train=False))(folded.variables))
     assert "rsqrt" not in jaxpr and "sqrt" not in jaxpr
+
+
+class SeqDenseBN(nn.Module):
+    """Dense over the features of (N, T, D) activations, then BN on ``axis``."""
+
+    axis: Any = -1
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        return jaxbn.BatchNorm(use_running_average=not train, axis=self.axis)(nn.Dense(5)(x))
+
+
+@pytest.mark.parametrize("axis", [-1, 2, (2,), (-1,)])
+def test_fold_batch_norm_feature_axis_of_the_activation(axis):
+    """The BN axis is checked against the activation's rank, not the kernel's."""
+    x = jax.random.normal(jax.random.key(0), (4, 5, 3))  # T == Dense features: axis 1 must not pass
+    model = SeqDenseBN(axis)
+    v = model.init(jax.random.key(1), x, train=False)
+    _, upd = model.apply(v, x * 3 + 1, train=True, mutable=["batch_stats"])
+    v = {"params": v["params"], **upd}
+    folded = jaxbn.fold_batch_norm(model, v, x, train=False)
+    want = model.apply(v, x, train=False)
+    np.testing.assert_allclose(folded.apply(folded.variables, x, train=False), want, rtol=1e-5, atol=1e-5)
+    wrong = SeqDenseBN(1)
+    with pytest.raises(ValueError, match="normalizes axis 1 of its 3-D input"):
+        jaxbn.fold_batch_norm(wrong, wrong.init(jax.random.key(1), x, train=False), x, train=False)
 
 
 def test_fold_batch_norm_needs_a_pair():

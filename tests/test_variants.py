@@ -116,8 +116,49 @@ def test_ghost_batches_normalize_sub_batches_separately():
 def test_ghost_batch_size_must_divide_the_batch():
     bn = jaxbn.BatchNorm(virtual_batch_size=5)
     x = jnp.ones((12, 3))
+    # init takes whatever example it is given (here one row), as flax's does ...
+    v = bn.init(jax.random.key(0), x[:1], False)
+    # ... but a training call checks the batch.
     with pytest.raises(ValueError, match="`virtual_batch_size`=5"):
-        bn.init_with_output(jax.random.key(0), x, False)
+        bn.apply(v, x, False, mutable=["batch_stats"])
+
+
+def test_ghost_batches_unbiased_running_var_unbiases_each_ghost():
+    """n/(n-1) applies to each ghost's own n, not to the whole batch's."""
+    x = jnp.asarray(np.random.default_rng(5).normal(0, 2, (12, 3, 2)), jnp.float32)
+    bn = jaxbn.BatchNorm(virtual_batch_size=4, momentum=0.0, unbiased_running_var=True)
+    v = bn.init(jax.random.key(0), x, False)
+    _, upd = bn.apply(v, x, False, mutable=["batch_stats"])
+    ghosts = [np.asarray(x[i : i + 4], np.float64).reshape(-1, 2) for i in range(0, 12, 4)]
+    want = np.mean([g.var(0, ddof=1) for g in ghosts], 0)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], want, rtol=1e-5)
+
+
+def test_ghost_batches_with_a_feature_shaped_adjustment_on_axis_1():
+    """(C,)-shaped adjustment values follow the feature axis, wherever it is."""
+    x = jnp.asarray(np.random.default_rng(4).normal(1, 2, (8, 3, 5, 5)), jnp.float32)
+    a, b = jnp.array([1.1, 0.9, 1.0]), jnp.array([0.2, -0.1, 0.0])
+    bn = jaxbn.BatchNorm(axis=1, virtual_batch_size=4, adjustment=lambda shape: (a, b))
+    v = bn.init(jax.random.key(0), x, False)
+    y, _ = bn.apply(v, x, False, mutable=["batch_stats"])
+    parts = [jaxbn.batch_norm(x[i : i + 4], axis=1)[0] for i in (0, 4)]
+    want = jnp.concatenate(parts) * a[:, None, None] + b[:, None, None]
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_renorm_running_averages_keep_their_dtype():
+    """float64 input under x64: the float32 renorm averages stay float32 (a scan carry needs it)."""
+    with x64():
+        x = jnp.asarray(_batches(1)[0], jnp.float64)
+        bn = jaxbn.BatchNorm(renorm=True)
+        v = bn.init(jax.random.key(0), x, False)
+
+        def step(_, stats):
+            _, upd = bn.apply({"params": v["params"], "batch_stats": stats}, x, False, mutable=["batch_stats"])
+            return upd["batch_stats"]
+
+        stats = jax.lax.fori_loop(0, 2, step, v["batch_stats"])
+        assert stats["renorm_mean"].dtype == stats["renorm_std"].dtype == jnp.float32
 
 
 def test_adjustment_applies_in_training_only():
