@@ -73,16 +73,18 @@ class View(NamedTuple):
     elementwise work stays in the input's own layout (computing y in the view
     cost the LeNet step about 0.1 ms).
 
-    Every other input keeps its own shape (``k == 1``, no reshape at all).
-    From 16 features on, native reductions are as fast (C = 16) or faster
-    (C = 24, 32: by 11-16%), and a reshape has a cost in networks: when BN's
-    input is produced by an elementwise op (BN -> relu -> BN, a residual sum),
-    the reshape lets XLA fuse that producer into every consumer on both sides
-    of it, and in a chain of BN -> relu layers each layer recomputed all the
-    layers before it (4 layers of (128, 28, 28, 32) took 50 ms against flax's
-    15 ms). Narrow inputs paid that in such chains (4 layers of
-    (64, 24, 24, 6): 1.2-1.4x flax's time) until their statistics became one
-    blocked reduce per pair of sums (:func:`paired_sums`): 0.84-0.94x since.
+    Every other input keeps its own shape here (``k == 1``; on CPU,
+    :func:`paired_sums` still reduces it in row blocks, a free reshape of
+    the leading axes). From 16 features on, native reductions are as fast
+    (C = 16) or faster (C = 24, 32: by 11-16%), and a reshape has a cost in
+    networks: when BN's input is produced by an elementwise op (BN -> relu ->
+    BN, a residual sum), the reshape lets XLA fuse that producer into every
+    consumer on both sides of it, and in a chain of BN -> relu layers each
+    layer recomputed all the layers before it (4 layers of (128, 28, 28, 32)
+    took 50 ms against flax's 15 ms). Narrow inputs paid that in such chains
+    (4 layers of (64, 24, 24, 6): 1.2-1.4x flax's time) until their
+    statistics became one blocked reduce per pair of sums
+    (:func:`paired_sums`): 0.84-0.94x since.
     With a convolution or a dense layer between BNs, as in LeNet and ResNets,
     there is no such chain. Explicitly sharded arrays keep their shape too.
 
