@@ -59,7 +59,7 @@ def run_shape(shape: tuple[int, ...], budget_s: float, seed: int = 0) -> dict:
     ws = jax.device_put(w, jax.NamedSharding(mesh, P("batch")))
 
     out: dict = {"shape": list(shape), "per_device_shape": [shape[0] // DEVICES, *shape[1:]]}
-    runs, ys = {}, {}
+    runs, ys, dxs = {}, {}, {}
     for name, make in _modules().items():
         synced = make(use_running_average=False, axis_name="batch")
         alone = make(use_running_average=False)
@@ -96,12 +96,26 @@ def run_shape(shape: tuple[int, ...], budget_s: float, seed: int = 0) -> dict:
         )(params, stats, x)
         ys[name] = np.asarray(y_sync)
         err = float(np.max(np.abs(np.asarray(y_sync) - np.asarray(y_alone))))
+        # The backward too: the synced dx against the global batch's.
+        dx_sync = np.asarray(fb_c(params, stats, xs, ws)[0])
+        dx_alone = jax.jit(jax.grad(
+            lambda x, bn=alone: jnp.sum(
+                bn.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])[0] * w
+            )
+        ))(x)
+        dxs[name] = dx_sync
+        out.setdefault("synced_vs_global_dx_max_abs_err", {})[name] = float(
+            np.max(np.abs(dx_sync - np.asarray(dx_alone)))
+        )
         out.setdefault("collectives_forward", {})[name] = count_collectives(fwd_c.as_text())
         out.setdefault("collectives_fwdbwd", {})[name] = count_collectives(fb_c.as_text())
         out.setdefault("synced_vs_global_max_abs_err", {})[name] = err
         runs[name] = lambda c=fb_c: block(c(params, stats, xs, ws))
 
     out["jaxbn_vs_flax_max_abs_err"] = float(np.max(np.abs(ys["jaxbn.BatchNorm"] - ys["flax.linen.BatchNorm"])))
+    out["jaxbn_vs_flax_dx_max_abs_err"] = float(
+        np.max(np.abs(dxs["jaxbn.BatchNorm"] - dxs["flax.linen.BatchNorm"]))
+    )
     times = interleave(runs, warmup=2, min_rounds=5, max_rounds=200, budget_s=budget_s)
     out["fwdbwd_us"] = {k: median_us(v) for k, v in times.items()}
     out["rounds"] = len(next(iter(times.values())))
