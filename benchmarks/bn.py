@@ -463,6 +463,16 @@ def section_lenet(rep: Report, rounds: int, steps: int) -> None:
     for key, loss in losses.items():
         if not math.isfinite(loss):
             rep.data["errors"].append(f"lenet {key}: non-finite loss {loss}")
+    for setting in settings:
+        # Same initial variables and batches: after the warm-up steps the losses
+        # with jaxbn's and flax's BN must agree (float rounding apart).
+        a, b = losses.get((setting, JAXBN_MOD)), losses.get((setting, FLAX))
+        if a is not None and b is not None:
+            err = abs(a - b) / max(abs(b), 1e-12)
+            rep.data["agreement"].append(
+                {"where": f"lenet loss ({setting} options)", "contender": "jaxbn vs flax",
+                 "rel_err": err, "ok": err <= 1e-3}
+            )
     times = H.interleave(
         {k: (lambda t=t: t["run_steps"](steps)) for k, t in trainers.items()},
         warmup=0,
