@@ -18,7 +18,7 @@ from jax import lax
 
 from jaxbn import _checks, _ops
 from jaxbn._running import update_running_stats
-from jaxbn._stats import Moments
+from jaxbn._stats import Moments, inverse_count
 
 
 class Layout(NamedTuple):
@@ -108,7 +108,7 @@ def _ghost_reduce(mom: Moments, axis_name, groups) -> tuple[Moments, jax.Array]:
     sums = jnp.stack([jnp.sum(w * v, 0) for v in (mom.mean, mom.var, unbiased)] + [jnp.sum(w, 0)])
     if axis_name is not None:
         sums = lax.psum(sums, axis_name, axis_index_groups=groups)
-    inv = jnp.where(sums[3] > 0, 1 / jnp.maximum(sums[3], 1), 0).astype(sums.dtype)
+    inv = inverse_count(sums[3])
     return Moments(sums[0] * inv, sums[1] * inv, sums[3]), sums[2] * inv
 
 

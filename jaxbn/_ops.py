@@ -69,6 +69,7 @@ from jaxbn._stats import (
     Moments,
     abs_sq,
     compute_moments,
+    inverse_count,
     paired_sums,
     view,
 )
@@ -216,7 +217,7 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
         tot_dy, tot_dy_xhat = tot[0], tot[1]
     else:
         tot_dy, tot_dy_xhat = sum_dy, sum_dy_xhat
-    inv_m = _inverse_count(count)
+    inv_m = inverse_count(count)
     a = inv if scale is None else inv * scale.astype(sd)  # gamma * s
     b = -a * tot_dy * inv_m
     c = -a * tot_dy_xhat * inv_m * inv
@@ -295,11 +296,6 @@ def _param_grad(local, total, param, axis_name, typed):
 _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
-def _inverse_count(count):
-    """``1 / count``, and 0 where nothing was counted (an empty or masked-out batch)."""
-    return jnp.where(count > 0, 1 / jnp.maximum(count, 1), 0).astype(count.dtype)
-
-
 def _pooled_sum(cfg: _Config, t, mask):
     """``sum(t)`` over the batch axes and over ``axis_name``, masked-out positions excluded."""
     if mask is not None:  # masked-out x may be NaN or inf padding
@@ -336,7 +332,7 @@ def _mean_link(cfg: _Config, x, mask, count):
 def _mean_link_jvp(cfg: _Config, primals, tangents):
     _, mask, count = primals
     sd = count.dtype
-    return _mean_link(cfg, *primals), _pooled_sum(cfg, tangents[0].astype(sd), mask) * _inverse_count(count)
+    return _mean_link(cfg, *primals), _pooled_sum(cfg, tangents[0].astype(sd), mask) * inverse_count(count)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -352,7 +348,7 @@ def _var_link_jvp(cfg: _Config, primals, tangents):
     d = x.astype(sd) - _expand(mean, cfg.red)
     if mask is not None:  # the transpose multiplies by d: no NaN padding in it
         d = jnp.where(jnp.asarray(mask, bool), d, 0)
-    return _var_link(cfg, *primals), 2 * _pooled_sum(cfg, tangents[0].astype(sd) * d, mask) * _inverse_count(count)
+    return _var_link(cfg, *primals), 2 * _pooled_sum(cfg, tangents[0].astype(sd) * d, mask) * inverse_count(count)
 
 
 def _batch_norm_linked(cfg: _Config, x, scale, bias, mask):

@@ -44,6 +44,11 @@ class Moments(NamedTuple):
     count: jax.Array
 
 
+def inverse_count(n: jax.Array) -> jax.Array:
+    """``1 / n``, and 0 where nothing was counted (an empty or masked-out batch)."""
+    return jnp.where(n > 0, 1 / jnp.maximum(n, 1), 0).astype(n.dtype)
+
+
 def abs_sq(x: jax.Array) -> jax.Array:
     if jnp.iscomplexobj(x):
         return lax.square(lax.real(x)) + lax.square(lax.imag(x))
@@ -307,7 +312,7 @@ def _merge_columns(v: View, n, mean, m2):
     if v.k == 1:
         return n[0], mean[0], m2[0]
     total = jnp.sum(n, axis=0)
-    inv = jnp.where(total > 0, 1 / jnp.maximum(total, 1), 0).astype(total.dtype)
+    inv = inverse_count(total)
     pooled = jnp.sum(n * mean, axis=0) * inv
     return total, pooled, jnp.sum(m2, axis=0) + jnp.sum(n * abs_sq(mean - pooled), axis=0)
 
@@ -362,7 +367,7 @@ def local_moments(
 
     valid = v.of(jnp.broadcast_to(jnp.asarray(mask, bool), x.shape))
     n = jnp.sum(valid, axis=v.red, dtype=rdtype)
-    inv_n = jnp.where(n > 0, 1 / jnp.maximum(n, 1), 0).astype(rdtype)
+    inv_n = inverse_count(n)
     xs = jnp.where(valid, xv, 0)
     mean = jnp.sum(xs, axis=v.red) * inv_n
     if fast_variance:
@@ -392,7 +397,7 @@ def merge_moments(
     means = lax.complex(allp[:, 1], allp[:, 2]) if complex_mean else allp[:, 1]
     m2s = allp[:, -1]
     total = jnp.sum(ns, axis=0)
-    inv = jnp.where(total > 0, 1 / jnp.maximum(total, 1), 0).astype(total.dtype)
+    inv = inverse_count(total)
     pooled_mean = jnp.sum(ns * means, axis=0) * inv
     pooled_m2 = jnp.sum(m2s, axis=0) + jnp.sum(ns * abs_sq(means - pooled_mean), axis=0)
     return total, pooled_mean, pooled_m2
@@ -413,7 +418,7 @@ def compute_moments(
     n, mean, m2 = local_moments(x, red, mask=mask, fast_variance=fast_variance, dtype=dtype)
     if axis_name is not None:
         n, mean, m2 = merge_moments(n, mean, m2, axis_name, axis_index_groups)
-    inv = jnp.where(n > 0, 1 / jnp.maximum(n, 1), 0).astype(n.dtype)
+    inv = inverse_count(n)
     return Moments(mean, m2 * inv, n)
 
 
