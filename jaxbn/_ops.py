@@ -307,8 +307,9 @@ def _pooled_sum(cfg: _Config, t, mask):
 
 
 # The custom VJP above takes only the cotangent of y. ``batch_norm`` returns
-# ``mean + _mean_link(...)`` and ``var + _var_link(...)``: zeros whose tangents
-# are those of the batch statistics as functions of x,
+# the statistics through ``_mean_link`` and ``_var_link``: identities on the
+# (gradient-stopped) statistics whose tangents are those of the batch
+# statistics as functions of x,
 #
 #     d mean = sum(dx) / m,    d var = 2 sum(dx * (x - mu)) / m    (pooled)
 #
@@ -319,31 +320,34 @@ def _pooled_sum(cfg: _Config, t, mask):
 # statistics are not batched there) is not summed again, one that ``pmap``
 # delivers per device is. ``_var_link`` takes the linked mean, so that second
 # derivatives see mu's dependence on x. Statistics whose cotangent is zero
-# cost nothing here.
+# cost nothing here. (The links pass their statistic through rather than
+# returning zeros to be added: a zeros output is unbatched under ``vmap``
+# while its tangent is batched, which JAX fails to transpose inside ``jit``.)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _mean_link(cfg: _Config, x, mask, count):
-    del x, mask
-    return jnp.zeros(count.shape, count.dtype)
+def _mean_link(cfg: _Config, x, mask, mean, count):
+    del x, mask, count
+    return mean
 
 
 @_mean_link.defjvp
 def _mean_link_jvp(cfg: _Config, primals, tangents):
-    _, mask, count = primals
+    _, mask, _, count = primals
     sd = count.dtype
+    # The primal goes through the link again, so that higher derivatives see it.
     return _mean_link(cfg, *primals), _pooled_sum(cfg, tangents[0].astype(sd), mask) * inverse_count(count)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _var_link(cfg: _Config, x, mask, mean, count):
-    del x, mask, mean
-    return jnp.zeros(count.shape, count.dtype)
+def _var_link(cfg: _Config, x, mask, mean, var, count):
+    del x, mask, mean, count
+    return var
 
 
 @_var_link.defjvp
 def _var_link_jvp(cfg: _Config, primals, tangents):
-    x, mask, mean, count = primals
+    x, mask, mean, _, count = primals
     sd = count.dtype
     d = x.astype(sd) - _expand(mean, cfg.red)
     if mask is not None:  # the transpose multiplies by d: no NaN padding in it
@@ -357,8 +361,8 @@ def _batch_norm_linked(cfg: _Config, x, scale, bias, mask):
     # differentiation also traces _batch_norm's forward as plain JAX, whose own
     # derivative of the statistics would then be counted twice.)
     mean, var, count = (lax.stop_gradient(v) for v in mom)
-    mean = mean + _mean_link(cfg, x, mask, count)
-    return y, Moments(mean, var + _var_link(cfg, x, mask, mean, count), count)
+    mean = _mean_link(cfg, x, mask, mean, count)
+    return y, Moments(mean, _var_link(cfg, x, mask, mean, var, count), count)
 
 
 # Called outside jit (eager code, ``Module.init``), the kernel would run op by op,

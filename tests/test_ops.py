@@ -155,6 +155,51 @@ def test_check_grads_finite_differences(masked):
         check_grads(f, (x, scale, bias), order=2, modes=("rev",))
 
 
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("order", ["grad(vmap)", "vmap(grad)"])
+def test_grad_around_vmap_without_axis_name(masked, order):
+    """Independent batches under vmap (an ensemble, no axis_name), differentiated outside it.
+
+    The statistics' links used to return zeros that vmap left unbatched while
+    their tangents were batched, and JAX could not transpose that inside jit:
+    ``grad(vmap(batch_norm))`` raised a TypeError for every input.
+    """
+    with x64():
+        rng = np.random.default_rng(4)
+        shape, axis = (3, 5, 2, 4), -1  # 3 independent batches of (5, 2, 4)
+        x = jnp.asarray(rng.normal(1.0, 2.0, shape))
+        w = jnp.asarray(rng.normal(size=shape))
+        scale = jnp.asarray(rng.uniform(0.5, 2, (3, 4)))
+        bias = jnp.asarray(rng.normal(size=(3, 4)))
+        mask = jnp.asarray(rng.uniform(size=shape[:-1] + (1,)) > 0.3) if masked else None
+        mask = mask.at[:, 0].set(True) if masked else None
+
+        def member(bn):
+            def f(x, s, b, w, m):
+                return _loss(*bn(x, s, b, m), w, m)
+            return f
+
+        def ours(x, s, b, m):
+            y, mom = jaxbn.batch_norm(x, s, b, axis=axis, epsilon=1e-3, mask=m)
+            return y, mom.mean, mom.var
+
+        def ref(x, s, b, m):
+            return _plain_bn(x, s, b, axis, 1e-3, m)
+
+        m_axes = 0 if masked else None
+        def total(bn):
+            return lambda x, s, b: jnp.sum(jax.vmap(member(bn), (0, 0, 0, 0, m_axes))(x, s, b, w, mask))
+
+        want = jax.grad(total(ref), argnums=(0, 1, 2))(x, scale, bias)
+        if order == "grad(vmap)":
+            got = jax.jit(jax.grad(total(ours), argnums=(0, 1, 2)))(x, scale, bias)
+        else:
+            per = jax.vmap(jax.grad(member(ours), argnums=(0, 1, 2)), (0, 0, 0, 0, m_axes))
+            got = jax.jit(per)(x, scale, bias, w, mask)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
 def test_backward_keeps_only_x_and_feature_vectors():
     x = jnp.ones((16, 8, 8, 4), jnp.float32) * jnp.arange(4.0, dtype=jnp.float32)
     x = x + jax.random.normal(jax.random.key(0), x.shape)
