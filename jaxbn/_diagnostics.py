@@ -8,8 +8,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import traverse_util
-from flax.core import unfreeze
 
 
 class StaleBatchStatsWarning(UserWarning):
@@ -25,23 +23,34 @@ def find_stale_batch_stats(variables: Mapping[str, Any]) -> list[str]:
     or of dropping the updated ``batch_stats`` returned by ``apply``.
 
     Args:
-      variables: a variables dict with a ``batch_stats`` collection, or the
-        ``batch_stats`` collection itself.
+      variables: a variables dict with a ``batch_stats`` collection, the
+        ``batch_stats`` collection itself, or an ``nnx.State`` (for example
+        ``nnx.state(model, nnx.BatchStat)``).
 
     Returns:
       The '/'-joined paths of the stale layers (empty when all were updated).
     """
     stats = variables.get("batch_stats", variables) if isinstance(variables, Mapping) else variables
-    flat = traverse_util.flatten_dict(unfreeze(stats))
     layers: dict[tuple[str, ...], dict[str, Any]] = {}
-    for path, value in flat.items():
-        layers.setdefault(path[:-1], {})[path[-1]] = value
+    for path, value in jax.tree_util.tree_flatten_with_path(stats)[0]:
+        names = [_key_name(k) for k in path]
+        if len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey):
+            names.pop()  # an nnx Variable's value
+        if names:
+            layers.setdefault(tuple(names[:-1]), {})[names[-1]] = value
     stale = []
     for layer, entries in sorted(layers.items()):
         has_stats = "mean" in entries and "var" in entries
         if has_stats and np.all(np.asarray(entries["mean"]) == 0) and np.all(np.asarray(entries["var"]) == 1):
             stale.append("/".join(layer))
     return stale
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
 def warn_if_stale(variables: Mapping[str, Any], *, when: str = "evaluation") -> list[str]:

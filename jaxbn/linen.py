@@ -54,6 +54,14 @@ class BatchNorm(nn.Module):
     * Applying in training mode without ``mutable=['batch_stats']`` raises an
       error that says how to fix the call.
 
+    Other differences: a training-mode call that reduces a single element per
+    feature (a batch of one without spatial axes) raises a ValueError, as
+    PyTorch does, where flax returns the bias (``init`` is exempt); and in
+    training mode only reverse-mode differentiation is available
+    (:func:`jaxbn.batch_norm` is a ``jax.custom_vjp``), so ``jax.jvp`` and
+    ``jax.jacfwd`` raise where flax's autodiff supports them (``jax.hessian``
+    and gradients of gradients work).
+
     Extra options are off by default and add variables only when enabled.
 
     Attributes:

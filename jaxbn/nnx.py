@@ -53,6 +53,21 @@ def _check_axis(axis: Any, fshape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(a) for a in raw)
 
 
+def _sorted_feature_shape(axis: tuple[int, ...], fshape: tuple[int, ...]) -> tuple[int, ...]:
+    """``fshape`` (one size per entry of ``axis``) in the order of the input's axes.
+
+    The statistics and parameters of a tuple axis follow the input's axis order,
+    as the kernels (and flax.linen) lay them out, whatever order ``axis`` lists.
+    """
+    if len(axis) > 1 and any(a < 0 for a in axis) and any(a >= 0 for a in axis):
+        raise ValueError(
+            f"`axis`={axis!r} mixes negative and non-negative axes, so the order of the "
+            "feature axes (and of the sizes in `num_features`) would depend on the input's "
+            "rank; give them all non-negative or all negative."
+        )
+    return tuple(n for _, n in sorted(zip(axis, fshape)))
+
+
 class BatchNorm(nnx.Module):
     """Batch normalization, a drop-in for ``flax.nnx.BatchNorm``.
 
@@ -91,10 +106,22 @@ class BatchNorm(nnx.Module):
       statistics. Pass ``promote_dtype=flax.nnx.nn.dtypes.promote_dtype`` for
       nnx's behaviour.
 
+    Other differences: a training-mode call that reduces a single element per
+    feature (say ``nnx.tabulate`` or ``nnx.eval_shape`` on a batch of one)
+    raises a ValueError, as PyTorch does, where nnx returns the bias (use a
+    batch of two, or evaluation mode); integer input raises a TypeError unless
+    ``promote_dtype`` converts it; and in training mode only reverse-mode
+    differentiation is available (:func:`jaxbn.batch_norm` is a
+    ``jax.custom_vjp``): ``jax.jvp`` and ``jax.jacfwd`` raise, ``jax.hessian``
+    and gradients of gradients work.
+
     Also: ``num_features`` may be a tuple, one size per axis of a tuple
-    ``axis``; the running statistics are always written under
-    ``stop_gradient``; the call raises a ValueError naming ``num_features`` when
-    the input's feature shape does not match.
+    ``axis`` in the order ``axis`` lists them (the axes must then be all
+    non-negative or all negative); the statistics and parameters are laid out
+    in the input's axis order, as ``jaxbn.BatchNorm`` lays them out. The
+    running statistics are always written under ``stop_gradient``; the call
+    raises a ValueError naming ``num_features`` when the input's feature shape
+    does not match.
 
     Extra options (the same as :class:`jaxbn.BatchNorm`) are off by default and
     add attributes only when enabled.
@@ -195,6 +222,7 @@ class BatchNorm(nnx.Module):
     ):
         fshape = _feature_shape(num_features)
         checked_axis = _check_axis(axis, fshape)
+        fshape = _sorted_feature_shape(checked_axis, fshape)
         if not isinstance(axis, numbers.Integral):
             axis = checked_axis
         _checks.check_momentum(momentum)
@@ -278,6 +306,11 @@ class BatchNorm(nnx.Module):
           The normalized input, of the same shape.
         """
         use_running_average = first_from(use_running_average, self.use_running_average, error_msg=_NO_MODE_MSG)
+        mean, var = self.mean[...], self.var[...]
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        if self.promote_dtype is not None:
+            x, mean, var, scale, bias = self.promote_dtype((x, mean, var, scale, bias), dtype=self.dtype)
         lay = _layer.layout(
             x,
             axis=self.axis,
@@ -288,15 +321,13 @@ class BatchNorm(nnx.Module):
             force_float32=True,
         )
         if lay.fshape != tuple(self.mean.shape):
+            axes = (self.axis,) if isinstance(self.axis, numbers.Integral) else self.axis
+            sizes = tuple(x.shape[a] for a in axes)
             raise ValueError(
-                f"BatchNorm was built for `num_features`={self.num_features!r} but the input "
-                f"of shape {tuple(x.shape)} has feature shape {lay.fshape} along `axis`={self.axis!r}."
+                f"BatchNorm was built for `num_features`={self.num_features!r} along "
+                f"`axis`={self.axis!r}, but the input of shape {tuple(x.shape)} has sizes "
+                f"{sizes[0] if len(sizes) == 1 else sizes} there."
             )
-        mean, var = self.mean[...], self.var[...]
-        scale = None if self.scale is None else self.scale[...]
-        bias = None if self.bias is None else self.bias[...]
-        if self.promote_dtype is not None:
-            x, mean, var, scale, bias = self.promote_dtype((x, mean, var, scale, bias), dtype=self.dtype)
         out_dtype = self.dtype if self.dtype is not None else _checks.result_dtype(x, scale, bias)
 
         if use_running_average or self.frozen:

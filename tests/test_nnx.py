@@ -119,6 +119,15 @@ def test_dtypes_and_nnx_promotion_on_request():
         y_ref, y_ours = ref(x), ours(x)
     assert y_ours.dtype == y_ref.dtype == jnp.float32
     _close(y_ours, y_ref, rtol=1e-2, atol=1e-2)
+    # Integer input: rejected by default, promoted (as by nnx) when asked.
+    xi = jnp.arange(32, dtype=jnp.int32).reshape(8, 4) % 5
+    with pytest.raises(TypeError):
+        jbn.BatchNorm(4, rngs=nnx.Rngs(0))(xi)
+    with jax.numpy_dtype_promotion("standard"):
+        y_ref = nnx.BatchNorm(4, use_fast_variance=False, rngs=nnx.Rngs(0))(xi)
+        y_ours = jbn.BatchNorm(4, promote_dtype=nnx_dtypes.promote_dtype, rngs=nnx.Rngs(0))(xi)
+    assert y_ours.dtype == y_ref.dtype == jnp.float32
+    _close(y_ours, y_ref)
 
 
 # --- same computation as jaxbn.linen.BatchNorm -----------------------------------------
@@ -133,6 +142,7 @@ OPTIONS = {
     "frozen": {"frozen": True},
     "adjustment": {"adjustment": lambda s: (jnp.full(s, 1.2), jnp.full(s, -0.1))},
     "tuple_axis": {"axis": (1, 3), "momentum": 0.5},
+    "tuple_axis_reversed": {"axis": (3, 1), "momentum": 0.5},  # num_features in axis order: (4, 3)
 }
 
 
@@ -142,7 +152,7 @@ def test_matches_linen_outputs_stats_and_gradients(name):
     shape = (8, 3, 2, 4)
     mask = MASK if name == "mask" else None
     axis = opts.get("axis", -1)
-    nf = (3, 4) if name == "tuple_axis" else 4
+    nf = {"tuple_axis": (3, 4), "tuple_axis_reversed": (4, 3)}.get(name, 4)
     lin = jaxbn.BatchNorm(**opts)
     v = jax.eval_shape(lambda x: lin.init(jax.random.key(0), x, False), jnp.zeros(shape))
     fs = v["params"]["scale"].shape
@@ -152,6 +162,7 @@ def test_matches_linen_outputs_stats_and_gradients(name):
     if "renorm_std" in stats:
         stats.update(renorm_mean=_normal(fs, 5, 0.0, 0.1), renorm_std=1 + jnp.abs(_normal(fs, 6)))
     ours = jbn.BatchNorm(nf, **{"momentum": 0.9, **opts}, rngs=nnx.Rngs(0))
+    assert ours.mean[...].shape == ours.scale[...].shape == fs  # the linen layout, whatever the order of axis
     lin = jaxbn.BatchNorm(**{"momentum": 0.9, **opts})
     nnx.update(ours, {"scale": params["scale"], "bias": params["bias"], **stats})
     assert set(_stats(ours)) == set(stats)
@@ -342,5 +353,9 @@ def test_argument_errors_name_the_argument():
         jbn.BatchNorm(4, virtual_batch_size=3, rngs=r)(x)
     with pytest.raises(ValueError, match="`num_features`"):
         jbn.BatchNorm(5, rngs=r)(x)
+    with pytest.raises(ValueError, match=r"`num_features`=\(3, 4\) along `axis`=\(3, 1\).*sizes \(4, 2\)"):
+        jbn.BatchNorm((3, 4), axis=(3, 1), rngs=r)(jnp.ones((8, 2, 5, 4)))
+    with pytest.raises(ValueError, match="mixes negative and non-negative"):
+        jbn.BatchNorm((3, 4), axis=(1, -1), rngs=r)
     with pytest.raises(ValueError, match="single element"):
         jbn.BatchNorm(4, rngs=r)(jnp.ones((1, 4)))

@@ -168,6 +168,25 @@ def test_stale_statistics_check():
         assert jaxbn.warn_if_stale(good) == []
 
 
+def test_stale_statistics_check_on_nnx_state():
+    from flax import nnx
+
+    from jaxbn import nnx as jbn
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.bn = jbn.BatchNorm(3, rngs=rngs)
+            self.blocks = nnx.List([jbn.BatchNorm(3, rngs=rngs), jbn.BatchNorm(3, rngs=rngs)])
+
+    net = Net(nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32)
+    net.bn(x, use_running_average=False)
+    net.blocks[1](x, use_running_average=False)
+    assert jaxbn.find_stale_batch_stats(nnx.state(net, nnx.BatchStat)) == ["blocks/0"]
+    assert jaxbn.find_stale_batch_stats(nnx.state(net)) == ["blocks/0"]
+    assert jaxbn.find_stale_batch_stats(nnx.to_pure_dict(nnx.state(net))) == ["blocks/0"]
+
+
 def test_weight_decay_mask_spares_bn_and_biases():
     model = ConvBN()
     x = jnp.ones((2, 10, 10, 2))
