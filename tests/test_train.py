@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import jaxbn
-from train import compare, config_base, inputs, loop, models
+from train import compare, config_base, distributed, inputs, loop, models
 from train.config_base import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -582,25 +582,61 @@ def test_data_parallel_on_8_devices_matches_one_device(tmp_path, optimizer, rtol
         np.testing.assert_allclose(parallel.metrics[key], single.metrics[key], rtol=1e-3)
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process_with_8_devices(tmp_path):
+def test_multi_process_settings_errors(monkeypatch):
+    for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
+        monkeypatch.delenv(name, raising=False)
+
+    def settings(**kw):
+        return distributed.distributed_settings(load("lenet_bn_dp", **kw))
+
+    assert settings() is None
+    assert settings(num_processes=1, process_id=0) is None
+    assert settings(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=1) == ("127.0.0.1:1234", 2, 1)
+    bad = [
+        # A process id alone (a launcher that sets only the ids) would make every
+        # process a single-process run writing to the same workdir.
+        ({"process_id": 1}, "process_id=1 but no coordinator"),
+        ({"num_processes": 2}, "num_processes=2 but no coordinator"),
+        ({"coordinator_address": "127.0.0.1:1234", "num_processes": 2}, "process_id=None"),
+        ({"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 2}, "process_id=2"),
+    ]
+    for kw, msg in bad:
+        with pytest.raises(ConfigError, match=msg):
+            settings(**kw)
+    monkeypatch.setenv(distributed.ENV_PROCESS_ID, "3")
+    with pytest.raises(ConfigError, match="process_id=3 but no coordinator"):
+        settings()
+
+
+def test_cluster_started_by_the_caller_needs_data_parallel(monkeypatch):
+    """jax.distributed already initialized (by a launcher): several processes without
+    data_parallel would each train their own model, then fail in orbax."""
+    for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ConfigError, match="2 processes need config.data_parallel=True"):
+        distributed.initialize(load("lenet_bn"))
+    distributed.initialize(load("lenet_bn_dp"))  # nothing to do: the cluster is up
+
+
+def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # SGD: see DP_CASES. Each process holds 4 of the 8 devices, collectives over gloo.
-    overrides = dict(num_train_examples=640, batch_size=64, optimizer="sgd", learning_rate=0.1)
-    workdir = tmp_path / "multi"
-    args = ["--config", "configs/lenet_bn_dp.py", "--workdir", str(workdir),
-            *cli_overrides(**overrides)]
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
+        return s.getsockname()[1]
+
+
+def _run_processes(args_per_process: list[list[str]], **env: str) -> list[tuple[int, str, str]]:
+    """Runs ``python -m train`` once per argument list as one JAX cluster; (rc, stdout, stderr) each."""
+    env = {"JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}",
+           "JAX_NUM_PROCESSES": str(len(args_per_process)), **env}
     procs = [
         subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT,
                          env=subprocess_env(**env, JAX_PROCESS_ID=str(i)),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)
+        for i, args in enumerate(args_per_process)
     ]
     outs = []
     try:
@@ -610,9 +646,35 @@ def test_two_processes_match_one_process_with_8_devices(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    metrics = json.loads(outs[0][0][outs[0][0].index("{"):])
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+@pytest.mark.slow
+def test_processes_with_different_configs_refuse_to_train(tmp_path):
+    """A launcher that gives one process another seed used to train diverging
+    replicas to the end (test accuracy 0.30 against 0.73) without a word."""
+    args = ["--config", "configs/lenet_bn_dp.py", "--workdir", str(tmp_path / "w"), *cli_overrides()]
+    results = _run_processes([args, [*args, "--config.seed=1"]],
+                             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    for rc, _, err in results:
+        assert rc == 2, err[-3000:]
+        assert "the config and data differ between processes: config," in err
+        assert "on process(es) [1]" in err
+    assert not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_8_devices(tmp_path):
+    # SGD: see DP_CASES. Each process holds 4 of the 8 devices, collectives over gloo.
+    overrides = dict(num_train_examples=640, batch_size=64, optimizer="sgd", learning_rate=0.1)
+    workdir = tmp_path / "multi"
+    args = ["--config", "configs/lenet_bn_dp.py", "--workdir", str(workdir),
+            *cli_overrides(**overrides)]
+    results = _run_processes([args, args], XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    for rc, _, err in results:
+        assert rc == 0, err[-3000:]
+    out = results[0][1]
+    metrics = json.loads(out[out.index("{"):])
     assert metrics["num_processes"] == 2 and metrics["num_devices"] == 8
 
     reference = loop.train(load("lenet_bn_dp", **overrides), str(tmp_path / "one"))

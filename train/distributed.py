@@ -9,7 +9,9 @@ before evaluation and checkpointing.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from typing import Any
 
 import jax
@@ -52,10 +54,11 @@ def distributed_settings(config: Any) -> tuple[str, int, int] | None:
     num = config.num_processes if config.num_processes is not None else _env_int(ENV_NUM_PROCESSES)
     pid = config.process_id if config.process_id is not None else _env_int(ENV_PROCESS_ID)
     if address is None:
-        if num not in (None, 1):
+        if num not in (None, 1) or pid not in (None, 0):
+            what = f"num_processes={num}" if num not in (None, 1) else f"process_id={pid}"
             raise ConfigError(
-                f"num_processes={num} but no coordinator address; set "
-                f"config.coordinator_address or ${ENV_COORDINATOR}."
+                f"{what} but no coordinator address; set config.coordinator_address or "
+                f"${ENV_COORDINATOR} (with the process count and id), or neither for one process."
             )
         return None
     if num is None or pid is None:
@@ -81,13 +84,12 @@ def initialize(config: Any) -> None:
     """
     settings = distributed_settings(config)
     if settings is None:
+        # The caller may have started jax.distributed itself (a launcher's auto-detection).
+        if jax.distributed.is_initialized():
+            _check_data_parallel(config, jax.process_count())
         return
     address, num, pid = settings
-    if not config.data_parallel and num > 1:
-        raise ConfigError(
-            f"{num} processes need config.data_parallel=True; without it every process "
-            "would train its own copy of the model."
-        )
+    _check_data_parallel(config, num)
     if jax.distributed.is_initialized():
         if jax.process_count() != num or jax.process_index() != pid:
             raise ConfigError(
@@ -96,7 +98,58 @@ def initialize(config: Any) -> None:
             )
         return
     jax.config.update("jax_cpu_collectives_implementation", config.cpu_collectives)
+    # jax.distributed waits (minutes) for every process to join, silently.
+    print(f"process {pid} of {num}: joining the JAX cluster at {address} ...", file=sys.stderr, flush=True)
     jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+
+
+def _check_data_parallel(config: Any, num_processes: int) -> None:
+    if not config.data_parallel and num_processes > 1:
+        raise ConfigError(
+            f"{num_processes} processes need config.data_parallel=True; without it every "
+            "process would train its own copy of the model."
+        )
+
+
+def check_same_on_every_process(what: str, parts: dict[str, Any]) -> None:
+    """Raises a ConfigError unless every process holds the same ``parts``.
+
+    Every process must build the same model from the same config and data
+    (:func:`put_replicated` trusts that); a launcher that passes one process
+    another seed or data set would otherwise train diverging replicas without
+    a word. Compares a SHA-256 of each part across processes (one small
+    all-gather); a no-op in a single process.
+
+    Args:
+      what: names the parts in the error (e.g. "the config and data").
+      parts: name -> a str, or a tuple of arrays (hashed by dtype, shape and contents).
+    """
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    digests = []
+    for value in parts.values():
+        h = hashlib.sha256()
+        for item in (value,) if isinstance(value, str) else value:
+            if isinstance(item, str):
+                h.update(item.encode())
+            else:
+                a = np.ascontiguousarray(item)
+                h.update(f"{a.dtype}{a.shape}".encode())
+                h.update(a.tobytes())
+        digests.append(np.frombuffer(h.digest()[:8], np.uint32))
+    mine = np.stack(digests)
+    every = np.asarray(multihost_utils.process_allgather(mine))  # (processes, parts, 2)
+    differ = [name for i, name in enumerate(parts) if not (every[:, i] == every[0, i]).all()]
+    if differ:
+        odd = sorted({p for p in range(every.shape[0]) for i, name in enumerate(parts)
+                      if name in differ and not (every[p, i] == every[0, i]).all()})
+        raise ConfigError(
+            f"{what} differ between processes: {', '.join(differ)} on process(es) {odd} "
+            "are not the same as on process 0. Every process must run the same config "
+            "on the same data."
+        )
 
 
 def is_main_process() -> bool:

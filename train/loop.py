@@ -776,6 +776,18 @@ def prepare(config: Any, data: Mnist | None = None, *, verbose: bool = True) -> 
     if data is None:
         data = inputs.load_dataset(config, verbose=verbose and distributed.is_main_process())
     splits = inputs.make_splits(data, config.validation_fraction, config.seed)
+    if jax.process_count() > 1:
+        per_process = ("process_id", "data_dir", "data_source", "progress_bar")
+        shared = {k: v for k, v in config.to_dict().items() if k not in per_process}
+        distributed.check_same_on_every_process(
+            "the config and data",
+            {
+                "config": json.dumps(shared, sort_keys=True, default=str),
+                "training data": (splits.train_images, splits.train_labels),
+                "validation data": (splits.val_images, splits.val_labels),
+                "test data": (splits.test_images, splits.test_labels),
+            },
+        )
     steps_per_epoch = splits.num_train // config.batch_size
     total_steps = steps_per_epoch * config.num_epochs
     model = models.create_model(config, distributed.BATCH_AXIS if config.data_parallel else None)
