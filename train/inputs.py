@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from train import config_base
-from train.data import Mnist
+from train.data import NUM_CLASSES, Mnist
 
 # Mean and standard deviation of the MNIST training pixels scaled to [0, 1].
 MNIST_MEAN = 0.1307
@@ -136,6 +136,11 @@ def check_data(data: Mnist) -> None:
             raise ValueError(
                 f"data.{name} has shape {y.shape} and dtype {y.dtype}; expected integer "
                 f"labels of shape ({len(getattr(data, images))},)."
+            )
+        if y.size and (y.min() < 0 or y.max() >= NUM_CLASSES):
+            raise ValueError(
+                f"data.{name} holds labels from {y.min()} to {y.max()}; expected 0..{NUM_CLASSES - 1} "
+                "(out-of-range labels would make the loss NaN)."
             )
 
 
