@@ -20,9 +20,11 @@ class _Pooled:
 
     def __init__(self):
         self.n = self.mean = self.m2 = None
+        self.k = 0  # non-empty batches per feature
 
     def add(self, n, mean, var):
         m2 = var * n
+        self.k = self.k + (n > 0)
         if self.n is None:
             self.n, self.mean, self.m2 = n, mean, m2
             return
@@ -34,7 +36,8 @@ class _Pooled:
         self.n = tot
 
     def result(self):
-        return self.mean, np.where(self.n > 0, self.m2 / np.where(self.n > 0, self.n, 1), 0.0), self.n
+        """(mean, biased var, non-empty batches) per feature."""
+        return self.mean, np.where(self.n > 0, self.m2 / np.where(self.n > 0, self.n, 1), 0.0), self.k
 
 
 class _Average:
@@ -52,6 +55,7 @@ class _Average:
             self.k, self.mean, self.var = self.k + seen, self.mean + mean * seen, self.var + unbiased * seen
 
     def result(self):
+        """(mean, unbiased var, non-empty batches) per feature."""
         k = np.where(self.k > 0, self.k, 1)
         return self.mean / k, self.var / k, self.k
 
@@ -84,7 +88,9 @@ def recompute_batch_stats(
     the spread between ghost means is not part of it, and ``"average"``'s
     ``m / (m - 1)`` then uses the whole batch's m. Layers that did not run in
     training mode (e.g. ``frozen=True``) keep their statistics. Parameters are
-    never changed.
+    never changed. Layers with ``running_average="cumulative"`` also get their
+    ``count`` set to the number of batches (calls) recorded, so that training
+    on continues the average as if those batches had been its first ones.
 
     Args:
       apply_fn: ``model.apply`` or any function called as
@@ -129,8 +135,11 @@ def recompute_batch_stats(
     out = unfreeze(jax.tree.map(lambda a: a, dict(variables)))
     stats_tree = traverse_util.flatten_dict(unfreeze(out["batch_stats"]))
     for layer, stats in acc.items():
-        mean, var, _ = stats.result()
-        for name, value in (("mean", mean), ("var", var)):
+        mean, var, k = stats.result()
+        new = {"mean": mean, "var": var}
+        if layer + ("count",) in stats_tree:  # the cumulative mode's number of batches
+            new["count"] = np.broadcast_to(k, np.shape(stats_tree[layer + ("count",)]))
+        for name, value in new.items():
             old = stats_tree[layer + (name,)]
             stats_tree[layer + (name,)] = jax.numpy.asarray(value, dtype=old.dtype)
     out["batch_stats"] = traverse_util.unflatten_dict(stats_tree)

@@ -64,6 +64,26 @@ def test_recompute_batch_stats_pools_every_call_of_a_shared_layer():
     np.testing.assert_allclose(out["batch_stats"]["BatchNorm_0"]["var"], seen.var(0), rtol=1e-5)
 
 
+def test_recompute_batch_stats_sets_the_cumulative_count():
+    """After the recompute, cumulative training goes on as if its batches had come first."""
+
+    class Cumulative(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            return jaxbn.BatchNorm(use_running_average=not train, running_average="cumulative",
+                                   unbiased_running_var=True)(x)
+
+    model, batches = Cumulative(), _batches(4)
+    v = model.init(jax.random.key(0), batches[0], train=False)
+    three = jaxbn.recompute_batch_stats(model.apply, v, batches[:3], method="average", train=True)
+    assert int(np.max(three["batch_stats"]["BatchNorm_0"]["count"])) == 3
+    _, upd = model.apply(three, batches[3], train=True, mutable=["batch_stats"])
+    four = jaxbn.recompute_batch_stats(model.apply, v, batches, method="average", train=True)
+    for name in ("mean", "var", "count"):
+        np.testing.assert_allclose(upd["batch_stats"]["BatchNorm_0"][name], four["batch_stats"]["BatchNorm_0"][name],
+                                   rtol=1e-5)
+
+
 def test_recompute_batch_stats_errors():
     model = InputNormMLP()
     b = _batches(1)
