@@ -212,15 +212,20 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
     # dmom, the cotangent of the returned statistics, is taken by _stat_links.
     del dmom
     typed = bool(_varying(x))
+    # dx needs sum_j(gamma_j * sum_dy_j) and sum_j(gamma_j * sum_dy_xhat_j) over the
+    # devices j: each device's gamma scales its own share of the loss's dependence on
+    # the shared statistics (gamma differs per device under vmap with per-member
+    # parameters). scale/bias take the unweighted sums. One psum for all four.
+    g = None if scale is None else scale.astype(sd)
+    parts = [sum_dy, sum_dy_xhat] + ([] if g is None else [g * sum_dy, g * sum_dy_xhat])
     if cfg.axis_name is not None:
-        tot = lax.psum(jnp.stack([sum_dy, sum_dy_xhat]), cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
-        tot_dy, tot_dy_xhat = tot[0], tot[1]
-    else:
-        tot_dy, tot_dy_xhat = sum_dy, sum_dy_xhat
+        parts = list(lax.psum(jnp.stack(parts), cfg.axis_name, axis_index_groups=cfg.axis_index_groups))
+    tot_dy, tot_dy_xhat = parts[0], parts[1]
+    g_dy, g_dy_xhat = parts[-2], parts[-1]
     inv_m = inverse_count(count)
-    a = inv if scale is None else inv * scale.astype(sd)  # gamma * s
-    b = -a * tot_dy * inv_m
-    c = -a * tot_dy_xhat * inv_m * inv
+    a = inv if g is None else inv * g  # gamma * s
+    b = -inv * g_dy * inv_m
+    c = -inv * g_dy_xhat * inv_m * inv
     # dx = a*dy + b + c*(x - mu), in the input's layout (see apply_affine);
     # masked positions get zero gradient.
     red = cfg.red

@@ -544,6 +544,39 @@ def test_grad_of_global_loss_around_mapped_batch_norm(mapper, stats_out):
     _close(g[2], rg[2], f"{mapper}: dbias")
 
 
+@pytest.mark.parametrize("mapper", ["vmap", "pmap"])
+def test_per_device_scale_with_synced_statistics(mapper, x64):
+    """Each device its own gamma/beta (an ensemble with shared statistics, vmap's
+    per-member parameters): every device's gamma scales its share of the loss's
+    dependence on the pooled mean and variance. dx used to take the local gamma
+    for all of them (errors of 0.25 here)."""
+    shape, axis = (6, 3), -1
+    rng = np.random.default_rng(70)
+    x = jnp.asarray(rng.normal(1.0, 2.0, (D,) + shape))
+    w = jnp.asarray(rng.normal(size=(D,) + shape))
+    scale = jnp.asarray(rng.uniform(0.5, 2, (D, shape[-1])))
+    bias = jnp.asarray(rng.normal(size=(D, shape[-1])))
+
+    def ours(x, s, b, w):
+        y, m = jaxbn.batch_norm(x, s, b, axis=axis, epsilon=1e-3, axis_name="i")
+        return jnp.sum(jnp.sin(y) * w) + jnp.sum(m.mean * s) + jnp.sum(jnp.cos(m.var))
+
+    def plain(x, s, b, w):
+        mean = lax.pmean(x.mean(0), "i")
+        var = lax.pmean(((x - mean) ** 2).mean(0), "i")
+        y = (x - mean) / jnp.sqrt(var + 1e-3) * s + b
+        return jnp.sum(jnp.sin(y) * w) + jnp.sum(mean * s) + jnp.sum(jnp.cos(var))
+
+    def grads(loss):
+        if mapper == "vmap":
+            total = lambda x, s, b: jnp.sum(jax.vmap(loss, axis_name="i")(x, s, b, w))
+            return jax.jit(jax.grad(total, (0, 1, 2)))(x, scale, bias)
+        return jax.pmap(jax.grad(loss, (0, 1, 2)), axis_name="i")(x, scale, bias, w)
+
+    for got, want, what in zip(grads(ours), grads(plain), ("dx", "dscale", "dbias")):
+        _close(got, want, what, rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------- jit over a sharded batch
 
 
