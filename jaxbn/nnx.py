@@ -59,13 +59,23 @@ def _sorted_feature_shape(axis: tuple[int, ...], fshape: tuple[int, ...]) -> tup
     The statistics and parameters of a tuple axis follow the input's axis order,
     as the kernels (and flax.linen) lay them out, whatever order ``axis`` lists.
     """
-    if len(axis) > 1 and any(a < 0 for a in axis) and any(a >= 0 for a in axis):
+    # The input's order of the listed axes, at every rank where they are distinct
+    # and in range (beyond the largest offset between them it no longer changes).
+    lowest = max(max(a + 1, -a) for a in axis)
+    span = max(abs(a) for a in axis) + 1
+    orders = set()
+    for rank in range(lowest, lowest + 2 * span + 1):
+        pos = [a % rank for a in axis]
+        if len(set(pos)) == len(pos):
+            orders.add(tuple(sorted(range(len(axis)), key=pos.__getitem__)))
+    if len(orders) > 1:
         raise ValueError(
-            f"`axis`={axis!r} mixes negative and non-negative axes, so the order of the "
-            "feature axes (and of the sizes in `num_features`) would depend on the input's "
-            "rank; give them all non-negative or all negative."
+            f"`axis`={axis!r}: the order of these axes in the input depends on its rank, "
+            "and so would the layout of `num_features`; give them all non-negative or all "
+            "negative."
         )
-    return tuple(n for _, n in sorted(zip(axis, fshape)))
+    (order,) = orders or {tuple(range(len(axis)))}
+    return tuple(fshape[i] for i in order)
 
 
 class BatchNorm(nnx.Module):
@@ -116,8 +126,9 @@ class BatchNorm(nnx.Module):
     and gradients of gradients work.
 
     Also: ``num_features`` may be a tuple, one size per axis of a tuple
-    ``axis`` in the order ``axis`` lists them (the axes must then be all
-    non-negative or all negative); the statistics and parameters are laid out
+    ``axis`` in the order ``axis`` lists them (a mix of negative and
+    non-negative axes whose order in the input depends on its rank is
+    refused); the statistics and parameters are laid out
     in the input's axis order, as ``jaxbn.BatchNorm`` lays them out. The
     running statistics are always written under ``stop_gradient``; the call
     raises a ValueError naming ``num_features`` when the input's feature shape

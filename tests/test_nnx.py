@@ -355,7 +355,8 @@ def test_argument_errors_name_the_argument():
         jbn.BatchNorm(5, rngs=r)(x)
     with pytest.raises(ValueError, match=r"`num_features`=\(3, 4\) along `axis`=\(3, 1\).*sizes \(4, 2\)"):
         jbn.BatchNorm((3, 4), axis=(3, 1), rngs=r)(jnp.ones((8, 2, 5, 4)))
-    with pytest.raises(ValueError, match="mixes negative and non-negative"):
-        jbn.BatchNorm((3, 4), axis=(1, -1), rngs=r)
+    with pytest.raises(ValueError, match="depends on its rank"):  # rank 2: (1, 0); rank 4: (1, 2)
+        jbn.BatchNorm((3, 4), axis=(1, -2), rngs=r)
+    assert jbn.BatchNorm((3, 4), axis=(-1, 1), rngs=r).mean[...].shape == (4, 3)  # 1 < rank - 1 always
     with pytest.raises(ValueError, match="single element"):
         jbn.BatchNorm(4, rngs=r)(jnp.ones((1, 4)))
