@@ -501,6 +501,20 @@ def test_unwritable_cache_keeps_the_verified_data(tmp_path, monkeypatch):
     assert_same_arrays(got, tiny)
 
 
+def test_a_failure_that_is_not_damage_keeps_the_cache(tmp_path, monkeypatch):
+    """Only damage discards a cache: out of memory (or a bug) propagates, the file stays."""
+    cache_dir = tmp_path / "c"
+    data.write_cache(make_tiny(seed=4), cache_dir)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(data.np, "load", no_memory)
+    with pytest.raises(MemoryError):
+        data.load_mnist("auto", cache_dir=cache_dir, verbose=False, validate_counts=False)
+    assert data.cache_path(cache_dir).is_file()
+
+
 def test_missing_cache_explains_how_to_supply_mnist(tmp_path):
     with pytest.raises(RuntimeError, match="no MNIST cache") as info:
         data.load_mnist("cache", cache_dir=tmp_path, verbose=False)

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tokenize
 import warnings
 import zipfile
 import zlib
@@ -636,6 +637,16 @@ def write_cache(data: Mnist, cache_dir: str | os.PathLike[str] | None = None) ->
     return path
 
 
+#: What numpy and zipfile raise on a damaged .npz: besides the usual I/O and
+#: format errors, a flipped byte can hit zipfile's unsupported features
+#: (NotImplementedError) or numpy's header parser (tokenize.TokenError).
+#: MemoryError and programming errors are not among them: they must not get
+#: a good cache discarded.
+_DAMAGED_NPZ_ERRORS = (
+    OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+    tokenize.TokenError, SyntaxError,
+)
+
 #: Temporary cache files older than this (seconds) belong to writers that died.
 STALE_TEMPORARY_S = 3600
 
@@ -674,9 +685,7 @@ def read_cache(
         with np.load(path, allow_pickle=False) as npz:
             arrays = {field: npz[field] for field in _ARRAY_FIELDS}
             stored = str(npz["sha256"])
-    except Exception as e:  # numpy/zipfile raise many types on damaged files
-        # (OSError, ValueError, zlib.error, NotImplementedError, tokenize.TokenError, ...);
-        # with allow_pickle=False none of them comes from running the file's content.
+    except _DAMAGED_NPZ_ERRORS as e:
         raise DataFormatError(f"MNIST cache {path} is unreadable ({e!r}).") from e
     if _arrays_checksum(arrays) != stored:
         raise DataFormatError(f"MNIST cache {path}: content does not match its checksum.")
@@ -764,10 +773,11 @@ def load_tfds(
     except ImportError as e:
         raise SourceUnavailableError(f"tensorflow_datasets is not importable: {e}") from e
     where = str(tfds_data_dir(data_dir))
+    damaged = _tfds_damage_errors()
     try:
         builder = tfds.builder("mnist", data_dir=where, file_format="array_record")
         prepared = builder.is_prepared()
-    except Exception as e:  # e.g. a damaged dataset_info.json (protobuf ParseError)
+    except damaged as e:  # e.g. a damaged dataset_info.json (protobuf ParseError)
         raise DataFormatError(f"TFDS mnist in {where}: its metadata is unreadable ({e!r}).") from e
     if not prepared:
         _prepare_tfds(builder, where, prepare)
@@ -780,7 +790,7 @@ def load_tfds(
         raise SourceUnavailableError(
             f"TFDS mnist in {where} cannot be read as array_record: {e}"
         ) from e
-    except Exception as e:  # array_record raises RuntimeError on missing/damaged shards
+    except damaged as e:  # array_record raises RuntimeError on missing/damaged shards
         raise DataFormatError(f"TFDS mnist in {where} is damaged ({e!r}).") from e
     arrays = {}
     for split in ("train", "test"):
@@ -788,13 +798,25 @@ def load_tfds(
             images, labels = _read_tfds_split(sources[split], split)
         except DataFormatError:
             raise
-        except Exception as e:  # as above, while reading the records
+        except damaged as e:  # as above, while reading the records
             raise DataFormatError(f"TFDS mnist in {where}: the {split} split is damaged ({e!r}).") from e
         if not builder.info.disable_shuffling:
             order = tfds_key_order(split, len(labels))
             images, labels = _unpermute(images, order), _unpermute(labels, order)
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
     return validate_mnist(Mnist(**arrays, source="tfds"), validate_counts=validate_counts)
+
+
+def _tfds_damage_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged prepared dataset raises: array_record's RuntimeError
+    (truncated or missing shard), protobuf's errors (damaged metadata), I/O errors.
+    Programming errors and API mismatches (TypeError, AttributeError) are not here."""
+    errors: tuple[type[BaseException], ...] = (RuntimeError, OSError, ValueError, KeyError)
+    try:
+        from google.protobuf import json_format, message  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return errors
+    return errors + (json_format.ParseError, message.DecodeError)
 
 
 def _prepare_tfds(builder: Any, where: str, prepare: bool) -> None:

@@ -777,12 +777,16 @@ def prepare(config: Any, data: Mnist | None = None, *, verbose: bool = True) -> 
         data = inputs.load_dataset(config, verbose=verbose and distributed.is_main_process())
     splits = inputs.make_splits(data, config.validation_fraction, config.seed)
     if jax.process_count() > 1:
-        per_process = ("process_id", "data_dir", "data_source", "progress_bar")
+        # How each process finds the cluster and its data may differ (the
+        # coordinator as localhost on its own host, values from the environment
+        # on one host and from flags on another); the cluster formed, so they agree.
+        per_process = ("process_id", "num_processes", "coordinator_address", "data_dir", "data_source",
+                       "progress_bar")
         shared = {k: v for k, v in config.to_dict().items() if k not in per_process}
         distributed.check_same_on_every_process(
             "the config and data",
             {
-                "config": json.dumps(shared, sort_keys=True, default=str),
+                **{f"config.{k}": json.dumps(v, sort_keys=True, default=str) for k, v in sorted(shared.items())},
                 "training data": (splits.train_images, splits.train_labels),
                 "validation data": (splits.val_images, splits.val_labels),
                 "test data": (splits.test_images, splits.test_labels),
