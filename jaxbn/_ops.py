@@ -21,7 +21,10 @@ which simplifies to::
 
 Only two reductions over the batch remain (sum(dy) and sum(dy*xhat), which are
 also dbeta and dgamma); under ``axis_name`` they are summed across devices in
-one ``psum``. dgamma and dbeta stay per-device, like the gradient of any
+one ``psum``, together with their products by each device's gamma, which the
+sums in dx take when gamma differs between devices. With a mask, m counts the
+unmasked elements and the (mu, var) terms of dx vanish at masked positions,
+while the two sums run over every output (masked ones are normalized too). dgamma and dbeta stay per-device, like the gradient of any
 replicated parameter. The custom VJP computes the dy terms; the g_mu and g_var
 terms come from ``_stat_links``, a tangent map on the returned statistics
 that JAX transposes, so that their cotangents are pooled across devices as JAX
@@ -192,10 +195,12 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
     # Work on the View of x (a free reshape; see jaxbn._stats.view).
     v = view(x, cfg.red)
     xv = v.of(x).astype(sd)
-    dyf = v.of(dy).astype(sd)
+    dyn = dy.astype(sd)
     if mask is not None:
-        valid = v.of(jnp.broadcast_to(jnp.asarray(mask, bool), x.shape))
-        dyf = jnp.where(valid, dyf, 0)
+        # Outputs over NaN or inf padding are not finite, so no loss can use them;
+        # cotangents arriving there (0 * NaN from a loss's where) are dropped.
+        dyn = jnp.where(jnp.asarray(mask, bool) | jnp.isfinite(x), dyn, 0)
+    dyf = v.of(dyn)
     # The two reductions of the backward pass, sum(dy) and sum(dy*(x-mu)), read
     # dy and x (see _backward_sums).
     if mask is None:
@@ -205,8 +210,11 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
             default=partial(_backward_sums, v),
         )
     else:
+        # Every output depends on the statistics, masked-out ones too (they are
+        # normalized like the others), so the sums run over all positions. A zero
+        # cotangent contributes exactly zero, also where the padding is NaN or inf.
         col_dy = jnp.sum(dyf, axis=v.red)
-        sum_dy_xc = jnp.sum(jnp.where(valid, dyf * (xv + v.bcast(-mean)), 0), axis=v.red)
+        sum_dy_xc = jnp.sum(jnp.where(dyf == 0, 0, dyf * (xv + v.bcast(-mean))), axis=v.red)
     sum_dy = v.fold_sum(col_dy)
     sum_dy_xhat = v.fold_sum(sum_dy_xc) * inv
     # dmom, the cotangent of the returned statistics, is taken by _stat_links.
@@ -226,13 +234,14 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
     a = inv if g is None else inv * g  # gamma * s
     b = -inv * g_dy * inv_m
     c = -inv * g_dy_xhat * inv_m * inv
-    # dx = a*dy + b + c*(x - mu), in the input's layout (see apply_affine);
-    # masked positions get zero gradient.
+    # dx = a*dy + b + c*(x - mu), in the input's layout (see apply_affine). The
+    # statistics do not depend on masked-out x: there dx = a*dy only (zero when
+    # the loss ignores those outputs, as it does padding).
     red = cfg.red
-    dyn = dy.astype(sd)
-    dx = _expand(a, red) * dyn + _expand(b, red) + _expand(c, red) * (x.astype(sd) - _expand(mean, red))
+    through_stats = _expand(b, red) + _expand(c, red) * (x.astype(sd) - _expand(mean, red))
     if mask is not None:
-        dx = jnp.where(jnp.asarray(mask, bool), dx, 0)
+        through_stats = jnp.where(jnp.asarray(mask, bool), through_stats, 0)
+    dx = _expand(a, red) * dyn + through_stats
     dscale = _param_grad(sum_dy_xhat, tot_dy_xhat, scale, cfg.axis_name, typed)
     dbias = _param_grad(sum_dy, tot_dy, bias, cfg.axis_name, typed)
     return dx.astype(x.dtype), dscale, dbias, None
@@ -398,8 +407,13 @@ def batch_norm(
     and per-feature vectors as residuals, does both batch reductions in one pass,
     and under ``axis_name`` sums them across devices in one collective (sync-BN's
     backward). Cotangents flowing into the returned statistics are honoured.
-    Masked-out positions (``mask`` False) are padding: they do not enter the
-    statistics or the gradient sums and receive zero gradient. Complex inputs are
+    Masked-out positions (``mask`` False) do not enter the statistics; they are
+    normalized with the statistics of the others (as in flax) and the gradient
+    is that of this function. A loss that ignores them, as losses ignore
+    padding, gives them zero gradient and leaves every other gradient as if they
+    were absent. Padding may hold NaN or inf: the outputs there are not finite,
+    and the cotangents reaching them (0 * NaN from a ``where`` in the loss) are
+    dropped. Complex inputs are
     supported through automatic differentiation of the same forward pass.
     Being a ``custom_vjp``, it supports reverse-mode differentiation (also of
     higher order: ``jax.hessian`` works) but not ``jax.jvp``/``jax.jacfwd``.

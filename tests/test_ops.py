@@ -136,6 +136,39 @@ def test_custom_backward_equals_autodiff_of_reference(shape, axis, features, mas
             assert np.all(np.asarray(g_ours[0])[~np.asarray(mask)] == 0)
 
 
+@pytest.mark.parametrize("nan_padding", [False, True])
+def test_masked_outputs_are_differentiated_like_the_others(nan_padding):
+    """Masked-out positions are normalized too; a loss that reads them (say a conv
+    over padded positions) must get their share of dscale, dbias and dx, as
+    autodiff of the plain function (and flax) gives. It used to drop it."""
+    with x64():
+        rng = np.random.default_rng(5)
+        shape = (7, 3, 4)
+        x = jnp.asarray(rng.normal(1.0, 2.0, shape))
+        w = jnp.asarray(rng.normal(size=shape))
+        scale = jnp.asarray(rng.uniform(0.5, 2, (4,)))
+        bias = jnp.asarray(rng.normal(size=(4,)))
+        mask = jnp.asarray(rng.uniform(size=(7, 3, 1)) > 0.3).at[0].set(True)
+
+        def ours(x, s, b, m):
+            y, mom = jaxbn.batch_norm(x, s, b, epsilon=1e-3, mask=mask)
+            return _loss(y, mom.mean, mom.var, w, m)
+
+        def ref(x, s, b, m):
+            return _loss(*_plain_bn(x, s, b, -1, 1e-3, mask), w, m)
+
+        if not nan_padding:  # the loss reads every output
+            g_ours = jax.grad(ours, argnums=(0, 1, 2))(x, scale, bias, None)
+            g_ref = jax.grad(ref, argnums=(0, 1, 2))(x, scale, bias, None)
+        else:  # padding holds NaN; the loss ignores it
+            xn = jnp.where(mask, x, jnp.nan)
+            g_ours = jax.grad(ours, argnums=(0, 1, 2))(xn, scale, bias, mask)
+            g_ref = jax.grad(ref, argnums=(0, 1, 2))(x, scale, bias, mask)
+            assert np.all(np.asarray(g_ours[0])[~np.broadcast_to(np.asarray(mask), shape)] == 0)
+        for a, b in zip(g_ours, g_ref):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_check_grads_finite_differences(masked):
     with x64():
@@ -379,8 +412,12 @@ def test_all_masked_batch_is_finite():
     y, mom = jaxbn.batch_norm(x, jnp.ones(3), jnp.zeros(3), mask=mask)
     assert bool(jnp.all(jnp.isfinite(y)))
     np.testing.assert_array_equal(mom.count, 0)
-    g = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, mask=mask)[0]))(x)
+    # A loss that ignores the masked-out outputs: zero gradient.
+    g = jax.grad(lambda x: jnp.sum(jnp.where(mask, jaxbn.batch_norm(x, mask=mask)[0], 0)))(x)
     np.testing.assert_array_equal(g, 0)
+    # One that uses them: y = x / sqrt(eps) there (no statistics), and so is its gradient.
+    g = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, mask=mask)[0]))(x)
+    np.testing.assert_allclose(g, np.full(x.shape, 1 / np.sqrt(1e-5)), rtol=1e-6)
     mean, var, _ = jaxbn.update_running_stats(jnp.full(3, 0.5), jnp.full(3, 2.0), mom)
     np.testing.assert_array_equal(mean, 0.5)
     np.testing.assert_array_equal(var, 2.0)
