@@ -10,7 +10,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
-from jaxbn.linen import MOMENTS_COLLECTION
+from jaxbn.linen import MOMENTS_COLLECTION, recording_moments
 
 _METHODS = ("pooled", "average")
 
@@ -119,7 +119,9 @@ def recompute_batch_stats(
     n_batches = 0
     for batch in batches:
         n_batches += 1
-        flat = traverse_util.flatten_dict(unfreeze(collect(variables, batch)))
+        with recording_moments():  # traced (and, without jit, run) with the recording on
+            moments = collect(variables, batch)
+        flat = traverse_util.flatten_dict(unfreeze(moments))
         for path, calls in flat.items():
             layer = path[:-1]  # drop the "moments" key
             stats = acc.setdefault(layer, _Pooled() if method == "pooled" else _Average())

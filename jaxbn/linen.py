@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -13,9 +15,27 @@ from jax.nn import initializers
 
 from jaxbn import _checks, _layer
 
-#: Collection into which training-mode calls record their batch Moments when it is
-#: mutable (used by :func:`jaxbn.recompute_batch_stats`).
+#: Collection into which training-mode calls record their batch Moments while
+#: :func:`recording_moments` is active (as :func:`jaxbn.recompute_batch_stats`
+#: runs the model) and the collection is mutable.
 MOMENTS_COLLECTION = "batch_moments"
+
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def recording_moments():
+    """Within this context (at trace time), training-mode calls sow their batch Moments.
+
+    Only then: ``apply(..., mutable=True)`` elsewhere must return the collections
+    flax's BatchNorm returns, not one that grows by an entry per step.
+    """
+    previous = getattr(_recording, "on", False)
+    _recording.on = True
+    try:
+        yield
+    finally:
+        _recording.on = previous
 
 
 def _immutable_error(path: str) -> ValueError:
@@ -212,7 +232,7 @@ class BatchNorm(nn.Module):
         )
         if initializing:
             return out.y
-        if self.is_mutable_collection(MOMENTS_COLLECTION):
+        if getattr(_recording, "on", False) and self.is_mutable_collection(MOMENTS_COLLECTION):
             self.sow(MOMENTS_COLLECTION, "moments", out.batch)  # one entry per call
         if not self.is_mutable_collection("batch_stats"):
             raise _immutable_error("/" + "/".join(self.scope.path))
