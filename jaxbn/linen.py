@@ -80,7 +80,11 @@ class BatchNorm(nn.Module):
     training mode only reverse-mode differentiation is available
     (:func:`jaxbn.batch_norm` is a ``jax.custom_vjp``), so ``jax.jvp`` and
     ``jax.jacfwd`` raise where flax's autodiff supports them (``jax.hessian``
-    and gradients of gradients work).
+    and gradients of gradients work). Validation is stricter: integer input,
+    ``epsilon <= 0``, ``momentum`` outside [0, 1], an axis named twice and a
+    non-boolean ``mask`` raise errors naming the argument where flax casts or
+    accepts them. Running statistics keep the dtype they were created with,
+    where flax's first update may promote them (to float64 under x64, say).
 
     Extra options are off by default and add variables only when enabled.
 
