@@ -172,8 +172,22 @@ def _forward(cfg: _Config, x, scale, bias, mask):
         dtype=cfg.sdtype,
     )
     inv = lax.rsqrt(mom.var + cfg.epsilon)
-    y = apply_affine(x, mom.mean, inv, scale, bias, cfg.red, cfg.out_dtype, cfg.sdtype)
+    if mask is None:
+        y = apply_affine(x, mom.mean, inv, scale, bias, cfg.red, cfg.out_dtype, cfg.sdtype)
+    else:
+        # Masked-out positions are normalized like the others (as in flax), except
+        # over NaN or inf padding, whose outputs are 0. (y also depends on the mask,
+        # so that under vmap it is batched whenever the mask is: each member then
+        # receives its own cotangent.)
+        keep = _finite_or_kept(x, mask)
+        y = apply_affine(jnp.where(keep, x, 0), mom.mean, inv, scale, bias, cfg.red, cfg.out_dtype, cfg.sdtype)
+        y = jnp.where(keep, y, jnp.zeros((), y.dtype))
     return y, mom, inv
+
+
+def _finite_or_kept(x, mask):
+    """Positions whose output is normalized: unmasked, or masked over finite padding."""
+    return jnp.asarray(mask, bool) | jnp.isfinite(x)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -194,12 +208,16 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
     sd = cfg.sdtype
     # Work on the View of x (a free reshape; see jaxbn._stats.view).
     v = view(x, cfg.red)
-    xv = v.of(x).astype(sd)
     dyn = dy.astype(sd)
+    xs = x
     if mask is not None:
-        # Outputs over NaN or inf padding are not finite, so no loss can use them;
-        # cotangents arriving there (0 * NaN from a loss's where) are dropped.
-        dyn = jnp.where(jnp.asarray(mask, bool) | jnp.isfinite(x), dyn, 0)
+        # Outputs over NaN or inf padding are constant zeros: their cotangents are
+        # dropped, and that padding is replaced by the mean wherever x - mu is
+        # formed, so that no 0 * NaN reaches any derivative.
+        keep = _finite_or_kept(x, mask)
+        dyn = jnp.where(keep, dyn, 0)
+        xs = jnp.where(keep, x, _expand(mean, cfg.red).astype(x.dtype))
+    xv = v.of(xs).astype(sd)
     dyf = v.of(dyn)
     # The two reductions of the backward pass, sum(dy) and sum(dy*(x-mu)), read
     # dy and x (see _backward_sums).
@@ -211,10 +229,9 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
         )
     else:
         # Every output depends on the statistics, masked-out ones too (they are
-        # normalized like the others), so the sums run over all positions. A zero
-        # cotangent contributes exactly zero, also where the padding is NaN or inf.
+        # normalized like the others), so the sums run over all positions.
         col_dy = jnp.sum(dyf, axis=v.red)
-        sum_dy_xc = jnp.sum(jnp.where(dyf == 0, 0, dyf * (xv + v.bcast(-mean))), axis=v.red)
+        sum_dy_xc = jnp.sum(dyf * (xv + v.bcast(-mean)), axis=v.red)
     sum_dy = v.fold_sum(col_dy)
     sum_dy_xhat = v.fold_sum(sum_dy_xc) * inv
     # dmom, the cotangent of the returned statistics, is taken by _stat_links.
@@ -238,10 +255,15 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
     # statistics do not depend on masked-out x: there dx = a*dy only (zero when
     # the loss ignores those outputs, as it does padding).
     red = cfg.red
-    through_stats = _expand(b, red) + _expand(c, red) * (x.astype(sd) - _expand(mean, red))
+    through_stats = _expand(b, red) + _expand(c, red) * (xs.astype(sd) - _expand(mean, red))
     if mask is not None:
         through_stats = jnp.where(jnp.asarray(mask, bool), through_stats, 0)
     dx = _expand(a, red) * dyn + through_stats
+    # An x that does not vary over a mesh axis its cotangent varies over (a
+    # replicated x with a per-device mask in a typed shard_map) takes the sum.
+    spread = _varying(dx) - _varying(x)
+    if spread:
+        dx = lax.psum(dx, tuple(sorted(spread)))
     dscale = _param_grad(sum_dy_xhat, tot_dy_xhat, scale, cfg.axis_name, typed)
     dbias = _param_grad(sum_dy, tot_dy, bias, cfg.axis_name, typed)
     return dx.astype(x.dtype), dscale, dbias, None
@@ -371,10 +393,12 @@ def _var_link_jvp(cfg: _Config, primals, tangents):
 
 def _batch_norm_linked(cfg: _Config, x, scale, bias, mask):
     y, mom = _batch_norm(cfg, x, scale, bias, mask)
-    # Only the links carry the statistics' derivatives. (Higher-order
-    # differentiation also traces _batch_norm's forward as plain JAX, whose own
-    # derivative of the statistics would then be counted twice.)
-    mean, var, count = (lax.stop_gradient(v) for v in mom)
+    # Only the links carry the statistics' derivatives: their tangents replace
+    # whatever the statistics carry (higher-order differentiation also traces
+    # _batch_norm's forward as plain JAX, whose own derivative of the statistics
+    # is dropped there). The statistics need no stop_gradient, which inside
+    # lax.scan made JAX lose part of the second derivatives.
+    mean, var, count = mom.mean, mom.var, lax.stop_gradient(mom.count)
     mean = _mean_link(cfg, x, mask, mean, count)
     return y, Moments(mean, _var_link(cfg, x, mask, mean, var, count), count)
 

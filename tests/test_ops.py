@@ -8,6 +8,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import pytest
 from jax.test_util import check_grads
@@ -167,6 +168,58 @@ def test_masked_outputs_are_differentiated_like_the_others(nan_padding):
             assert np.all(np.asarray(g_ours[0])[~np.broadcast_to(np.asarray(mask), shape)] == 0)
         for a, b in zip(g_ours, g_ref):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("loop", ["none", "scan", "map"])
+def test_second_derivatives_inside_loops(loop):
+    """Hessian of a loss of y and of the statistics, also inside lax.scan / lax.map.
+
+    With the statistics gradient-stopped before their links, JAX lost part of
+    the second derivative inside loops (errors up to 0.42 under scan, 7.1 under map).
+    """
+    with x64():
+        rng = np.random.default_rng(6)
+        x = jnp.asarray(rng.normal(1.0, 2.0, (6, 3)))
+        w = jnp.asarray(rng.normal(size=(6, 3)))
+
+        def ours(x):
+            y, mom = jaxbn.batch_norm(x, epsilon=1e-3)
+            return _loss(y, mom.mean, mom.var, w)
+
+        def ref(x):
+            return _loss(*_plain_bn(x, jnp.ones(3), jnp.zeros(3), -1, 1e-3), w)
+
+        def looped(f):
+            if loop == "scan":
+                return lambda x: lax.scan(lambda c, _: (c + f(x), None), 0.0, None, length=1)[0]
+            if loop == "map":
+                return lambda x: jnp.sum(lax.map(lambda _: f(x), jnp.arange(2)))
+            return f
+
+        np.testing.assert_allclose(jax.hessian(looped(ours))(x), jax.hessian(looped(ref))(x), rtol=1e-9, atol=1e-10)
+
+
+def test_nan_padding_keeps_every_derivative_finite():
+    """Outputs over NaN padding are 0 and drop their cotangents: a loss with a plain
+    where, and its second derivatives, stay finite and equal those with zero padding."""
+    with x64():
+        x = jnp.asarray(np.random.default_rng(7).normal(size=(8, 3)))
+        mask = jnp.ones((8, 1), bool).at[6:].set(False)
+
+        def loss(x):
+            y, mom = jaxbn.batch_norm(x, mask=mask)
+            return jnp.sum(jnp.where(mask, jnp.sin(y), 0)) + jnp.sum(mom.var**2)
+
+        def curvature(x):
+            return jax.grad(lambda x: jnp.sum(jax.grad(loss)(x) ** 2))(x)
+
+        y, _ = jaxbn.batch_norm(jnp.where(mask, x, jnp.nan), mask=mask)
+        np.testing.assert_array_equal(y[6:], 0)
+        for f in (jax.grad(loss), curvature):
+            got = f(jnp.where(mask, x, jnp.nan))
+            want = f(jnp.where(mask, x, 0.0))
+            np.testing.assert_allclose(got[:6], want[:6], rtol=1e-9, atol=1e-12)
+            np.testing.assert_array_equal(got[6:], 0)
 
 
 @pytest.mark.parametrize("masked", [False, True])

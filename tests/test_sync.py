@@ -577,6 +577,39 @@ def test_per_device_scale_with_synced_statistics(mapper, x64):
         _close(got, want, what, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("mapper", ["vmap", "shard_map"])
+def test_shared_x_with_a_mask_per_device(mapper, x64):
+    """One x for every device, each with its own mask (x unbatched or replicated,
+    the mask batched or sharded). y used to come out unbatched, its cotangent
+    arrived summed over devices and every device added it again: dx was D times
+    too large under vmap, and a typed shard_map refused the cotangent's type."""
+    rng = np.random.default_rng(71)
+    x = jnp.asarray(rng.normal(1.0, 2.0, (6, 3)))
+    masks = jnp.asarray(rng.uniform(size=(D, 6, 1)) > 0.4).at[:, 0].set(True)
+
+    def plain(x, m):
+        n = lax.psum(jnp.sum(m, 0, dtype=x.dtype), "i")
+        mean = lax.psum(jnp.sum(jnp.where(m, x, 0), 0), "i") / n
+        var = lax.psum(jnp.sum(jnp.where(m, (x - mean) ** 2, 0), 0), "i") / n
+        return (x - mean) / jnp.sqrt(var + 1e-3)
+
+    def ours(x, m):
+        return jaxbn.batch_norm(x, mask=m, epsilon=1e-3, axis_name="i")[0]
+
+    def loss(bn):
+        if mapper == "vmap":
+            per = jax.vmap(lambda x, m: jnp.where(m, bn(x, m), 0), in_axes=(None, 0), axis_name="i")
+            return lambda x: jnp.sum(jnp.sin(per(x, masks)))
+        mesh = jax.make_mesh((D,), ("i",))
+        sharded = jax.device_put(masks, NamedSharding(mesh, P("i")))
+        per = jax.shard_map(lambda x, m: jnp.where(m[0], bn(x, m[0]), 0)[None], mesh=mesh,
+                            in_specs=(P(), P("i")), out_specs=P("i"))
+        return lambda x: jnp.sum(jnp.sin(per(jax.device_put(x, NamedSharding(mesh, P())), sharded)))
+
+    got, want = jax.jit(jax.grad(loss(ours)))(x), jax.jit(jax.grad(loss(plain)))(x)
+    _close(got, want, "dx", rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------- jit over a sharded batch
 
 
