@@ -74,6 +74,7 @@ from jaxbn._stats import (
     compute_moments,
     inverse_count,
     paired_sums,
+    static_shape,
     view,
 )
 
@@ -143,7 +144,7 @@ def normalize(
 
 def check_reducible(shape: tuple[int, ...], red: tuple[int, ...], axis_name: Any) -> None:
     """Training mode needs more than one element per feature (on one device)."""
-    if axis_name is None and math.prod(shape[i] for i in red) == 1:
+    if axis_name is None and static_shape(shape) and math.prod(shape[i] for i in red) == 1:
         raise ValueError(
             f"batch_norm in training mode reduces over a single element per feature "
             f"(input shape {tuple(shape)}, reduction axes {red}): the batch variance is "

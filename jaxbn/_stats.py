@@ -144,6 +144,11 @@ def _row_multiple(rows: int, width: int) -> int:
     return 1
 
 
+def static_shape(shape: tuple[Any, ...]) -> bool:
+    """True when every dimension is a plain int (not a jax.export symbolic dimension)."""
+    return all(isinstance(d, int) for d in shape)
+
+
 def _sharded(x: Any, axes: tuple[int, ...] | None = None) -> bool:
     """True when one of ``axes`` (default: any axis) of x is explicitly sharded (jax's sharding-in-types)."""
     try:
@@ -163,7 +168,7 @@ def view(x: Any, red: tuple[int, ...]) -> View:
     shape = tuple(x) if isinstance(x, tuple) else tuple(x.shape)
     nred = len(red)
     fshape = tuple(d for i, d in enumerate(shape) if i not in red)
-    plain = isinstance(x, tuple) or not _sharded(x)
+    plain = (isinstance(x, tuple) or not _sharded(x)) and static_shape(shape)
     if plain and nred and nred < len(shape) and tuple(red) == tuple(range(nred)) and math.prod(shape):
         m, c = math.prod(shape[:nred]), math.prod(fshape)
         k = _row_multiple(m, c)
@@ -221,7 +226,7 @@ def _blocked_pair_sums(p, q, red):
     """``paired_sums`` as one variadic reduce over blocks of rows, then the sums of the block totals."""
     nred = len(red)
     leading = 0 < nred < p.ndim and tuple(red) == tuple(range(nred))
-    b = _row_block(p.shape, nred) if leading else None
+    b = _row_block(p.shape, nred) if leading and static_shape(p.shape) else None
     if b is None or p.dtype != q.dtype or p.size > PAIRED_MAX_SIZE or _sharded(p) or _sharded(q):
         return _two_sums(p, q, red)
     rows = math.prod(p.shape[:nred])
@@ -339,7 +344,7 @@ def local_moments(
     """
     rdtype = _checks.real_dtype(dtype)
     fshape = tuple(d for i, d in enumerate(x.shape) if i not in red)
-    if math.prod(x.shape[i] for i in red) == 0:
+    if static_shape(x.shape) and math.prod(x.shape[i] for i in red) == 0:
         zeros = jnp.zeros(fshape, rdtype)
         return zeros, jnp.zeros(fshape, dtype), zeros
     v = view(x, red)

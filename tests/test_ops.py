@@ -286,6 +286,28 @@ def test_grad_around_vmap_without_axis_name(masked, order):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
 
 
+def test_export_with_a_symbolic_batch_size():
+    """jax.export with a polymorphic batch: the reshaped views and row blocks need
+    static sizes, so symbolic shapes take the plain reductions (it used to raise)."""
+    (n,) = jax.export.symbolic_shape("n")
+    spec = jax.ShapeDtypeStruct((n, 5, 3), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(8).normal(2.0, 3.0, (4, 5, 3)), jnp.float32)
+    bn = jaxbn.BatchNorm(use_running_average=False)
+    variables = bn.init(jax.random.key(0), x)
+
+    def fwdbwd(x):
+        y, mom = jaxbn.batch_norm(x)
+        return y, mom.mean, mom.var, jax.grad(lambda x: jnp.sum(jnp.sin(jaxbn.batch_norm(x)[0])))(x)
+
+    def module(x):
+        return bn.apply(variables, x, mutable=["batch_stats"])
+
+    for f in (fwdbwd, module, lambda x: jaxbn.moments(x, axis=(1, 2))):
+        exported = jax.export.export(jax.jit(f))(spec)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     exported.call(x), jax.jit(f)(x))
+
+
 def test_backward_keeps_only_x_and_feature_vectors():
     x = jnp.ones((16, 8, 8, 4), jnp.float32) * jnp.arange(4.0, dtype=jnp.float32)
     x = x + jax.random.normal(jax.random.key(0), x.shape)
