@@ -24,8 +24,9 @@ also dbeta and dgamma); under ``axis_name`` they are summed across devices in
 one ``psum``, together with their products by each device's gamma, which the
 sums in dx take when gamma differs between devices. With a mask, m counts the
 unmasked elements and the (mu, var) terms of dx vanish at masked positions,
-while the two sums run over every output (masked ones are normalized too). dgamma and dbeta stay per-device, like the gradient of any
-replicated parameter. The custom VJP computes the dy terms; the g_mu and g_var
+while the two sums run over every output (masked ones are normalized too).
+dgamma and dbeta stay per-device, like the gradient of any replicated
+parameter. The custom VJP computes the dy terms; the g_mu and g_var
 terms come from ``_stat_links``, a tangent map on the returned statistics
 that JAX transposes, so that their cotangents are pooled across devices as JAX
 pools any collective's (under ``vmap`` they arrive once for all devices, under
@@ -345,8 +346,8 @@ def _pooled_sum(cfg: _Config, t, mask):
 
 # The custom VJP above takes only the cotangent of y. ``batch_norm`` returns
 # the statistics through ``_mean_link`` and ``_var_link``: identities on the
-# (gradient-stopped) statistics whose tangents are those of the batch
-# statistics as functions of x,
+# statistics whose tangents (replacing the statistics' own) are those of the
+# batch statistics as functions of x,
 #
 #     d mean = sum(dx) / m,    d var = 2 sum(dx * (x - mu)) / m    (pooled)
 #
@@ -436,10 +437,9 @@ def batch_norm(
     normalized with the statistics of the others (as in flax) and the gradient
     is that of this function. A loss that ignores them, as losses ignore
     padding, gives them zero gradient and leaves every other gradient as if they
-    were absent. Padding may hold NaN or inf: the outputs there are not finite,
-    and the cotangents reaching them (0 * NaN from a ``where`` in the loss) are
-    dropped. Complex inputs are
-    supported through automatic differentiation of the same forward pass.
+    were absent. Padding may hold NaN or inf: the outputs there are 0 and pass
+    no gradient, at any order. Complex inputs are supported through automatic
+    differentiation of the same forward pass.
     Being a ``custom_vjp``, it supports reverse-mode differentiation (also of
     higher order: ``jax.hessian`` works) but not ``jax.jvp``/``jax.jacfwd``.
 

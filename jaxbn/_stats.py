@@ -19,6 +19,7 @@ collective per call whatever the axis names or groups, and it works under
 from __future__ import annotations
 
 import math
+import numbers
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -146,7 +147,7 @@ def _row_multiple(rows: int, width: int) -> int:
 
 def static_shape(shape: tuple[Any, ...]) -> bool:
     """True when every dimension is a plain int (not a jax.export symbolic dimension)."""
-    return all(isinstance(d, int) for d in shape)
+    return all(isinstance(d, numbers.Integral) for d in shape)
 
 
 def _sharded(x: Any, axes: tuple[int, ...] | None = None) -> bool:
