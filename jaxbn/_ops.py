@@ -238,7 +238,6 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
     sum_dy_xhat = v.fold_sum(sum_dy_xc) * inv
     # dmom, the cotangent of the returned statistics, is taken by _stat_links.
     del dmom
-    typed = bool(_varying(x))
     # dx needs sum_j(gamma_j * sum_dy_j) and sum_j(gamma_j * sum_dy_xhat_j) over the
     # devices j: each device's gamma scales its own share of the loss's dependence on
     # the shared statistics (gamma differs per device under vmap with per-member
@@ -266,8 +265,8 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
     spread = _varying(dx) - _varying(x)
     if spread:
         dx = lax.psum(dx, tuple(sorted(spread)))
-    dscale = _param_grad(sum_dy_xhat, tot_dy_xhat, scale, cfg.axis_name, typed)
-    dbias = _param_grad(sum_dy, tot_dy, bias, cfg.axis_name, typed)
+    dscale = _param_grad(sum_dy_xhat, tot_dy_xhat, scale, cfg.axis_name)
+    dbias = _param_grad(sum_dy, tot_dy, bias, cfg.axis_name)
     return dx.astype(x.dtype), dscale, dbias, None
 
 
@@ -310,7 +309,7 @@ def _varying(t) -> frozenset:
         return frozenset()
 
 
-def _param_grad(local, total, param, axis_name, typed):
+def _param_grad(local, total, param, axis_name):
     """Cotangent of scale or bias: per device, like any replicated parameter's.
 
     In a typed shard_map a parameter that is invariant over a mesh axis needs a
@@ -321,13 +320,15 @@ def _param_grad(local, total, param, axis_name, typed):
     if param is None:
         return None
     d = local
-    if typed:
-        names = set(axis_name) if isinstance(axis_name, tuple) else {axis_name}
-        if axis_name is not None and names <= _varying(local) - _varying(param):
-            d = total
-        left = _varying(d) - _varying(param)
-        if left:
-            d = lax.psum(d, tuple(sorted(left)))
+    # Outside a typed shard_map nothing varies and this is the local sum. (The
+    # cotangent's type follows from dy, not from x: a replicated x with a
+    # per-device mask or bias still gives a varying cotangent.)
+    names = set(axis_name) if isinstance(axis_name, tuple) else {axis_name}
+    if axis_name is not None and names <= _varying(local) - _varying(param):
+        d = total
+    left = _varying(d) - _varying(param)
+    if left:
+        d = lax.psum(d, tuple(sorted(left)))
     return d.astype(param.dtype)
 
 

@@ -579,35 +579,42 @@ def test_per_device_scale_with_synced_statistics(mapper, x64):
 
 @pytest.mark.parametrize("mapper", ["vmap", "shard_map"])
 def test_shared_x_with_a_mask_per_device(mapper, x64):
-    """One x for every device, each with its own mask (x unbatched or replicated,
-    the mask batched or sharded). y used to come out unbatched, its cotangent
-    arrived summed over devices and every device added it again: dx was D times
-    too large under vmap, and a typed shard_map refused the cotangent's type."""
+    """One x (and gamma, beta) for every device, each with its own mask (unbatched
+    under vmap, replicated in shard_map; the mask batched or sharded). y used to
+    come out unbatched, its cotangent arrived summed over devices and every device
+    added it again: dx was D times too large under vmap, and a typed shard_map
+    refused the cotangents of x, gamma and beta."""
     rng = np.random.default_rng(71)
     x = jnp.asarray(rng.normal(1.0, 2.0, (6, 3)))
+    scale = jnp.asarray(rng.uniform(0.5, 2, (3,)))
+    bias = jnp.asarray(rng.normal(size=(3,)))
     masks = jnp.asarray(rng.uniform(size=(D, 6, 1)) > 0.4).at[:, 0].set(True)
 
-    def plain(x, m):
+    def plain(x, s, b, m):
         n = lax.psum(jnp.sum(m, 0, dtype=x.dtype), "i")
         mean = lax.psum(jnp.sum(jnp.where(m, x, 0), 0), "i") / n
         var = lax.psum(jnp.sum(jnp.where(m, (x - mean) ** 2, 0), 0), "i") / n
-        return (x - mean) / jnp.sqrt(var + 1e-3)
+        return (x - mean) / jnp.sqrt(var + 1e-3) * s + b
 
-    def ours(x, m):
-        return jaxbn.batch_norm(x, mask=m, epsilon=1e-3, axis_name="i")[0]
+    def ours(x, s, b, m):
+        return jaxbn.batch_norm(x, s, b, mask=m, epsilon=1e-3, axis_name="i")[0]
 
     def loss(bn):
         if mapper == "vmap":
-            per = jax.vmap(lambda x, m: jnp.where(m, bn(x, m), 0), in_axes=(None, 0), axis_name="i")
-            return lambda x: jnp.sum(jnp.sin(per(x, masks)))
+            per = jax.vmap(lambda x, s, b, m: jnp.where(m, bn(x, s, b, m), 0), in_axes=(None, None, None, 0),
+                           axis_name="i")
+            return lambda x, s, b: jnp.sum(jnp.sin(per(x, s, b, masks)))
         mesh = jax.make_mesh((D,), ("i",))
         sharded = jax.device_put(masks, NamedSharding(mesh, P("i")))
-        per = jax.shard_map(lambda x, m: jnp.where(m[0], bn(x, m[0]), 0)[None], mesh=mesh,
-                            in_specs=(P(), P("i")), out_specs=P("i"))
-        return lambda x: jnp.sum(jnp.sin(per(jax.device_put(x, NamedSharding(mesh, P())), sharded)))
+        per = jax.shard_map(lambda x, s, b, m: jnp.where(m[0], bn(x, s, b, m[0]), 0)[None], mesh=mesh,
+                            in_specs=(P(), P(), P(), P("i")), out_specs=P("i"))
+        rep = lambda t: jax.device_put(t, NamedSharding(mesh, P()))
+        return lambda x, s, b: jnp.sum(jnp.sin(per(rep(x), rep(s), rep(b), sharded)))
 
-    got, want = jax.jit(jax.grad(loss(ours)))(x), jax.jit(jax.grad(loss(plain)))(x)
-    _close(got, want, "dx", rtol=1e-10, atol=1e-12)
+    got = jax.jit(jax.grad(loss(ours), (0, 1, 2)))(x, scale, bias)
+    want = jax.jit(jax.grad(loss(plain), (0, 1, 2)))(x, scale, bias)
+    for g, w, what in zip(got, want, ("dx", "dscale", "dbias")):
+        _close(g, w, what, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------- jit over a sharded batch
