@@ -69,8 +69,8 @@ def check_mask(mask: Any, shape: tuple[int, ...]) -> None:
         return
     mshape = tuple(np.shape(mask))
     try:
-        out = np.broadcast_shapes(mshape, shape)
-    except ValueError:
+        out = jnp.broadcast_shapes(mshape, tuple(shape))  # symbolic dimensions too (jax.export)
+    except (ValueError, TypeError):
         out = None
     if out != tuple(shape):
         raise ValueError(

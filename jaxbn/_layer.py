@@ -217,6 +217,11 @@ def train(
     unbiased_var = None
     if ghosts is not None:
         y = y.reshape(x.shape)
+    if mask is not None and (renorm is not None or adjustment is not None):
+        # As in batch_norm: outputs over NaN or inf padding are 0 and pass no gradient.
+        keep = jnp.asarray(mask, bool) | jnp.isfinite(x)
+        y = jnp.where(keep, y, jnp.zeros((), y.dtype))
+    if ghosts is not None:
         batch, unbiased_var = _ghost_reduce(mom, axis_name, axis_index_groups)
     else:
         batch = mom

@@ -302,7 +302,12 @@ def test_export_with_a_symbolic_batch_size():
     def module(x):
         return bn.apply(variables, x, mutable=["batch_stats"])
 
-    for f in (fwdbwd, module, lambda x: jaxbn.moments(x, axis=(1, 2))):
+    mask = (jnp.arange(5) < 4)[None, :, None]
+
+    def masked(x):
+        return jax.grad(lambda x: jnp.sum(jnp.sin(jaxbn.batch_norm(x, mask=mask)[0])))(x)
+
+    for f in (fwdbwd, module, lambda x: jaxbn.moments(x, axis=(1, 2)), masked):
         exported = jax.export.export(jax.jit(f))(spec)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                      exported.call(x), jax.jit(f)(x))

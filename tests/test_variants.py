@@ -2,6 +2,7 @@
 
 import contextlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -217,3 +218,23 @@ def test_renorm_clipping_errors():
         jaxbn.BatchNorm(renorm=True, renorm_clipping={"r_max": 2.0}).init(jax.random.key(0), x, False)
     with pytest.raises(ValueError, match="`renorm_momentum`"):
         jaxbn.BatchNorm(renorm=True, renorm_momentum=2.0).init(jax.random.key(0), x, False)
+
+
+@pytest.mark.parametrize("option", ["renorm", "adjustment"])
+def test_nan_padding_gives_zero_outputs_with_renorm_and_adjustment(option):
+    """As in batch_norm: outputs over NaN padding are 0 and pass no gradient (the
+    renorm/adjustment correction used to put beta there, and dbias counted it)."""
+    x = jnp.asarray(np.random.default_rng(9).normal(size=(8, 3)), jnp.float32)
+    mask = (jnp.arange(8) < 6)[:, None]
+    opts = {"renorm": {"renorm": True, "renorm_clipping": {"rmax": 1.0, "rmin": 1.0, "dmax": 0.0}},
+            "adjustment": {"adjustment": lambda s: (jnp.ones(s), jnp.zeros(s))}}[option]
+    bn = jaxbn.BatchNorm(use_running_average=False, bias_init=nn.initializers.constant(0.5), **opts)
+    v = bn.init(jax.random.key(0), x)
+
+    def loss(params, x):
+        y, _ = bn.apply({**v, "params": params}, x, mask=mask, mutable=["batch_stats"])
+        return jnp.sum(y), y
+
+    (_, y), g = jax.value_and_grad(loss, has_aux=True)(v["params"], jnp.where(mask, x, jnp.nan))
+    np.testing.assert_array_equal(y[6:], 0)
+    np.testing.assert_allclose(g["bias"], 6.0)  # the six unmasked rows only
