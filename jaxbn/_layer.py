@@ -219,7 +219,7 @@ def train(
         y = y.reshape(x.shape)
     if mask is not None and (renorm is not None or adjustment is not None):
         # As in batch_norm: outputs over NaN or inf padding are 0 and pass no gradient.
-        keep = jnp.asarray(mask, bool) | jnp.isfinite(x)
+        keep = _ops.finite_or_kept(x, mask)
         y = jnp.where(keep, y, jnp.zeros((), y.dtype))
     if ghosts is not None:
         batch, unbiased_var = _ghost_reduce(mom, axis_name, axis_index_groups)

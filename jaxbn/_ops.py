@@ -181,13 +181,13 @@ def _forward(cfg: _Config, x, scale, bias, mask):
         # over NaN or inf padding, whose outputs are 0. (y also depends on the mask,
         # so that under vmap it is batched whenever the mask is: each member then
         # receives its own cotangent.)
-        keep = _finite_or_kept(x, mask)
+        keep = finite_or_kept(x, mask)
         y = apply_affine(jnp.where(keep, x, 0), mom.mean, inv, scale, bias, cfg.red, cfg.out_dtype, cfg.sdtype)
         y = jnp.where(keep, y, jnp.zeros((), y.dtype))
     return y, mom, inv
 
 
-def _finite_or_kept(x, mask):
+def finite_or_kept(x, mask):
     """Positions whose output is normalized: unmasked, or masked over finite padding."""
     return jnp.asarray(mask, bool) | jnp.isfinite(x)
 
@@ -216,7 +216,7 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
         # Outputs over NaN or inf padding are constant zeros: their cotangents are
         # dropped, and that padding is replaced by the mean wherever x - mu is
         # formed, so that no 0 * NaN reaches any derivative.
-        keep = _finite_or_kept(x, mask)
+        keep = finite_or_kept(x, mask)
         dyn = jnp.where(keep, dyn, 0)
         xs = jnp.where(keep, x, _expand(mean, cfg.red).astype(x.dtype))
     xv = v.of(xs).astype(sd)
