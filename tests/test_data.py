@@ -188,6 +188,14 @@ def test_idx_round_trip(tmp_path, all_gz):
     assert_same_arrays(via_api, tiny)
 
 
+def test_idx_dir_with_tilde_is_expanded(tmp_path, monkeypatch):
+    # --config.data_dir=~/mnist: the shell leaves a ~ after "=" as it is.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_idx_dir(tmp_path / "mnist", make_tiny(), dict.fromkeys(data.IDX_FILES, False))
+    got = data.load_mnist("idx", data_dir="~/mnist", verbose=False, validate_counts=False)
+    assert_same_arrays(got, make_tiny())
+
+
 @pytest.mark.parametrize("type_code", sorted(data._IDX_DTYPES))
 def test_read_idx_file_dtypes(tmp_path, type_code):
     array = np.arange(24).reshape(2, 3, 4).astype(data._IDX_DTYPES[type_code])

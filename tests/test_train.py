@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import jaxbn
-from train import compare, config_base, distributed, inputs, loop, models
+from train import compare, config_base, distributed, inputs, loop, models, report
 from train.config_base import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,8 +81,10 @@ def read_events(tb_dir: Path) -> list:
     for path in sorted(tb_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
         data = path.read_bytes()
         pos = 0
-        while pos < len(data):
+        while pos + 12 <= len(data):
             (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            if pos + 16 + length > len(data):
+                break  # a record cut short (TensorBoard skips it too)
             events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
             pos += 12 + length + 4
     return events
@@ -184,6 +186,8 @@ def test_apply_overrides_parses_by_type():
         ({"validation_fraction": 1.0}, "config.validation_fraction=1.0"),
         ({"conv_features": (6, 16, 32, 64), "conv_padding": "VALID"}, "shrinks to nothing"),
         ({"data_parallel": True, "batch_size": 36}, "does not split evenly over 8 devices"),
+        ({"optimizer": "adam", "momentum": 0.9},
+         "config.momentum=0.9: expected None with optimizer='adam', which has no momentum"),
         ({"cpu_ynn_fusions": "reduce,conv"},
          ("config.cpu_ynn_fusions='reduce,conv': expected 'auto', 'none', 'xla' or a "
           "comma-separated list")),
@@ -406,12 +410,31 @@ def test_population_statistics_replace_the_moving_averages():
 # --------------------------------------------------------------------------
 
 
+def test_read_history_survives_a_cut_last_line_and_repeated_epochs(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "val_loss": 3}\n{"epoch": 2, "val_loss": 2}\n'
+                    '{"epoch": 2, "val_loss": 1}\n{"final": true, "test_loss": 1}\n{"epoch": 3, "va')
+    assert report.read_history(path) == [{"epoch": 1, "val_loss": 3}, {"epoch": 2, "val_loss": 1}]
+    path.write_text('{"epoch": 1\n{"epoch": 2}\n')
+    with pytest.raises(ValueError, match="line 1: not a JSON record"):
+        report.read_history(path)
+
+
 def test_cli_trains_end_to_end(tmp_path):
     workdir = tmp_path / "run"
     proc = run_cli(["--config", "configs/lenet_bn.py", "--workdir", str(workdir), *cli_overrides()])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads(proc.stdout[proc.stdout.index("{"):])
+    metrics = json.loads(proc.stdout)  # stdout is the metrics, as JSON
     assert metrics["epochs"] == 1 and metrics["steps"] == 8
+    # The same run again (it resumes; stdout stays pure JSON), with the other
+    # spellings absl accepts: a single dash, a separate value, None for an
+    # optional integer key.
+    again = [a for a in cli_overrides() if not a.startswith("--config.batch_size=")]
+    again += ["-config.batch_size", str(TINY["batch_size"]), "--config.num_processes=None"]
+    proc = run_cli(["--config", "configs/lenet_bn.py", "--workdir", str(workdir), *again])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert deterministic(json.loads(proc.stdout)) == deterministic(metrics)
+    assert "Resumed from the checkpoint of epoch 1" in proc.stderr
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("epoch") for r in lines[:-1]] == [1]
     assert lines[-1]["final"] and lines[-1]["test_accuracy"] == metrics["test_accuracy"]
@@ -473,6 +496,47 @@ def test_fresh_run_in_a_used_workdir_replaces_its_tensorboard_scalars(tmp_path):
     assert [json.loads(line).get("epoch") for line in lines] == [1, None]
 
 
+def test_workdir_misuse_is_refused(tmp_path):
+    config = load("mlp_bn")
+    loop.train(config, str(tmp_path / "run"))
+    # checkpoint=False would leave config.json and metrics.jsonl describing
+    # another run than the checkpoints beside them.
+    config.checkpoint = False
+    with pytest.raises(ConfigError, match="holds checkpoints"):
+        loop.train(config, str(tmp_path / "run"))
+    config.checkpoint = True
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is a file"):
+        loop.train(config, str(tmp_path / "file"))
+    lock = loop._lock_workdir(str(tmp_path / "run"))  # a second process's hold
+    try:
+        with pytest.raises(ConfigError, match=f"in use by another training process \\(pid {os.getpid()}"):
+            loop.train(config, str(tmp_path / "run"))
+    finally:
+        lock.close()
+    assert loop.train(config, str(tmp_path / "run")).metrics["epochs"] == 1
+
+
+def test_diverged_run_writes_strict_json_and_warns(tmp_path):
+    config = load("mlp_nobn", optimizer="sgd", learning_rate=1e6)
+    with pytest.warns(UserWarning, match="epoch 1: the training loss is nan"):
+        metrics = loop.train_and_evaluate(config, str(tmp_path))
+    assert np.isnan(metrics["train_loss"])
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in metrics.jsonl")
+
+    lines = [json.loads(x, parse_constant=no_constants)
+             for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["train_loss"] is None and lines[-1]["test_loss"] is None
+
+
+def test_rmsprop_applies_momentum(tmp_path):
+    plain = loop.train(load("mlp_bn"), str(tmp_path / "a"))
+    heavy = loop.train(load("mlp_bn", optimizer="rmsprop", momentum=0.9), str(tmp_path / "b"))
+    assert plain.metrics["train_loss"] != heavy.metrics["train_loss"]
+
+
 def test_resume_refuses_to_stretch_a_decaying_schedule(tmp_path):
     """cosine/onecycle span the whole run: more epochs would change the curve mid-way."""
     config = load("mlp_bn", num_epochs=1, schedule="cosine")
@@ -507,14 +571,20 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
             proc.kill()
     done = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert done and done[-1] < epochs, f"the run was not interrupted: {done}"
+    spe = reference["steps"] // epochs
+    # TensorBoard's events of the checkpointed epochs were on disk at the kill.
+    assert set(visible_scalar_steps(workdir / "tb", "epoch/val_accuracy")) >= {
+        e * spe for e in done}
 
     resumed = run_cli(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resumed from the checkpoint of epoch {done[-1]}" in resumed.stdout
-    metrics = json.loads(resumed.stdout[resumed.stdout.index("{"):])
+    assert f"Resumed from the checkpoint of epoch {done[-1]}" in resumed.stderr
+    metrics = json.loads(resumed.stdout)
     assert deterministic(metrics) == deterministic(reference)
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines[:-1]] == list(range(1, epochs + 1))
+    assert visible_scalar_steps(workdir / "tb", "epoch/val_accuracy") == [
+        e * spe for e in range(1, epochs + 1)]
 
 
 def test_compare_trains_configs_on_the_same_data(tmp_path):
@@ -540,6 +610,33 @@ def test_compare_rejects_configs_on_different_data(tmp_path):
         compare.load_configs(paths, [])
     configs = compare.load_configs(paths, ["validation_fraction=0.2", "seed=3"])
     assert [c.seed for c in configs] == [3, 3]
+
+
+def test_compare_reads_overrides_as_the_train_command_does():
+    args, overrides = compare.parse_args(
+        ["a.py", "--config.seed", "3", "--workdir", "w", "--config.checkpoint", "b.py",
+         "-config.batch_size=16", "--config.num_processes=None", "--config.progress_bar=f"])
+    assert args.configs == ["a.py", "b.py"] and args.workdir == "w"
+    assert overrides == ["seed=3", "checkpoint=true", "batch_size=16", "num_processes=None",
+                         "progress_bar=f"]
+    config = config_base.base_config()
+    config_base.apply_overrides(config, overrides)
+    assert (config.seed, config.checkpoint, config.num_processes, config.progress_bar) == (
+        3, True, None, False)
+    with pytest.raises(SystemExit):
+        compare.parse_args(["a.py", "--workdir", "w", "--config.checkpoint=no"])  # not absl's
+
+
+def test_compare_refuses_configs_with_different_seeds(tmp_path):
+    # A config of a seed sweep must not be run silently with another config's seed.
+    seeded = tmp_path / "mlp_bn_seed1.py"
+    seeded.write_text((CONFIGS / "mlp_bn.py").read_text() + (
+        "\n_recipe = get_config\n\n\ndef get_config():\n"
+        "    config = _recipe()\n    config.seed = 1\n    return config\n"))
+    paths = [str(CONFIGS / "mlp_bn.py"), str(seeded)]
+    with pytest.raises(ConfigError, match=r"differ in seed .*--config.seed=VALUE"):
+        compare.load_configs(paths, [])
+    assert [c.seed for c in compare.load_configs(paths[1:], [])] == [1]
 
 
 # --------------------------------------------------------------------------

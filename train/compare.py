@@ -6,8 +6,10 @@
 
 Each config trains in ``WORKDIR/<config name>`` (resuming when it already
 has checkpoints); ``--config.key=value`` overrides apply to every config. The
-dataset is loaded once, every run uses the same seed (so the same split and
-the same per-epoch shuffles), and the result is ``comparison.png`` (training
+dataset is loaded once, and the configs must agree on the data and the seed
+(so every run gets the same split and the same per-epoch shuffles; configs that
+differ there are refused, ``--config.seed=N`` puts them all on one seed). The
+result is ``comparison.png`` (training
 and validation loss and accuracy per epoch, one line per config) and
 ``comparison.md`` (a markdown table of final metrics beside the published
 numbers, where there are any).
@@ -46,8 +48,6 @@ def run_names(paths: Sequence[str]) -> list[str]:
 def load_configs(paths: Sequence[str], overrides: Sequence[str]) -> list[Any]:
     """Loads, overrides and validates the configs; checks they share data and seed.
 
-    The seed of the first config (after overrides) is used by all of them.
-
     Raises:
       ConfigError: for a bad file or override, or configs that would see
         different data (e.g. different validation_fraction).
@@ -59,9 +59,6 @@ def load_configs(paths: Sequence[str], overrides: Sequence[str]) -> list[Any]:
         config = config_base.load_config_file(path)
         config_base.apply_overrides(config, overrides)
         configs.append(config)
-    seed = configs[0].seed
-    for config in configs:
-        config.seed = seed
     for key in DATA_KEYS:
         values = {path: config[key] for path, config in zip(paths, configs)}
         if len(set(values.values())) > 1:
@@ -128,32 +125,27 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--workdir", required=True, help="parent directory of the runs")
     parser.add_argument("--plot", default=None, help="plot path (default WORKDIR/comparison.png)")
     parser.add_argument("--table", default=None, help="table path (default WORKDIR/comparison.md)")
-    args, rest = parser.parse_known_args(list(argv))
-    overrides, unknown = [], []
-    for item in rest:
-        if item.startswith("--config."):
-            overrides.append(item[len("--config."):])
-        else:
-            unknown.append(item)
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    argv = list(argv)
     try:
-        config_base.check_overrides(["jaxbn-compare"] + [f"--config.{o}" for o in overrides])
+        spans = config_base.override_spans(["jaxbn-compare"] + argv)
     except ConfigError as e:
         parser.error(str(e))
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        parser.error(f"overrides need a value: {', '.join('--config.' + b for b in bad)}=VALUE")
+    overrides = [f"{key}={text}" for _, _, key, text in spans]
+    inside = {i - 1 for a, b, _, _ in spans for i in range(a, b)}
+    args = parser.parse_intermixed_args([arg for i, arg in enumerate(argv) if i not in inside])
     return args, overrides
 
 
 def run(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m train.compare`` and the jaxbn-compare script."""
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    from train.data import DataFormatError, SourceUnavailableError
+
     try:
         compare(args.configs, args.workdir, overrides, args.plot, args.table)
-    except ConfigError as e:
-        sys.exit(f"jaxbn-compare: error: {e}")
+    except (ConfigError, DataFormatError, SourceUnavailableError) as e:
+        sys.stderr.write(f"jaxbn-compare: error: {e}\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

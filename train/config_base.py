@@ -102,7 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
         pixels (0: no augmentation).
       optimizer, learning_rate, optimizer_eps, momentum, weight_decay: the optax
         optimizer. optimizer_eps defaults to Keras' 1e-7 and is added outside
-        the square root, as in Keras.
+        the square root, as in Keras. momentum is the heavy-ball momentum of
+        "momentum" (default 0.9) and "rmsprop" (default none, as in Keras);
+        the other optimizers refuse it.
       schedule: learning-rate schedule over the whole run ("onecycle" peaks at
         `learning_rate` after `warmup_fraction` of the steps).
       batch_size: global batch size (split across devices when data parallel).
@@ -155,7 +157,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = "rmsprop"
     c.learning_rate = 1e-3
     c.optimizer_eps = 1e-7
-    c.momentum = 0.9
+    c.momentum = config_dict.placeholder(float)
     c.weight_decay = 0.0
     c.schedule = "constant"
     c.warmup_fraction = 0.3
@@ -314,7 +316,11 @@ def check_values(config: Mapping[str, Any] | ml_collections.ConfigDict) -> None:
                  "a finite float > 0")
     _require(0.0 <= config.validation_fraction < 1.0, "validation_fraction",
              config.validation_fraction, "a float in [0, 1)")
-    _require(0.0 <= config.momentum < 1.0, "momentum", config.momentum, "a float in [0, 1)")
+    if config.momentum is not None:
+        _require(0.0 <= config.momentum < 1.0, "momentum", config.momentum, "a float in [0, 1)")
+        _require(config.optimizer in ("momentum", "rmsprop"), "momentum", config.momentum,
+                 f"None with optimizer={config.optimizer!r}, which has no momentum "
+                 "(it applies to 'momentum' and 'rmsprop')")
     _require(config.weight_decay >= 0.0, "weight_decay", config.weight_decay, "a float >= 0")
     _require(0.0 < config.warmup_fraction < 1.0, "warmup_fraction", config.warmup_fraction,
              "a float in (0, 1)")
@@ -452,10 +458,10 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def _parse_bool(text: str) -> bool | None:
-    low = text.lower()
-    if low in ("true", "1", "yes"):
+    low = text.lower()  # what absl's boolean flags accept
+    if low in ("true", "t", "1"):
         return True
-    if low in ("false", "0", "no"):
+    if low in ("false", "f", "0"):
         return False
     return None
 
@@ -495,50 +501,78 @@ def _example(key: str) -> str:
     return str(value)
 
 
-def check_overrides(argv: Sequence[str], flag_name: str = "config") -> None:
-    """Checks ``--config.key=value`` overrides in `argv` against the schema.
+def override_spans(argv: Sequence[str], flag_name: str = "config") -> list[tuple[int, int, str, str]]:
+    """Finds and checks the config overrides in `argv` against the schema.
+
+    An override is ``--config.KEY=VALUE``, ``--config.KEY VALUE`` or, for a
+    boolean key, a bare ``--config.KEY`` (true); absl also accepts a single
+    dash. The parsing stops at ``--``.
 
     Args:
       argv: command-line arguments (argv[0] is the program).
       flag_name: the name of the config flag.
 
+    Returns:
+      ``(start, stop, key, text)`` for each override: ``argv[start:stop]``
+      holds it, ``text`` is its value as written.
+
     Raises:
       ConfigError: for an unknown key (with a suggestion and the list of valid
         keys) or a value that does not parse as the key's type.
     """
-    prefix = f"--{flag_name}."
+    prefixes = (f"--{flag_name}.", f"-{flag_name}.")
     schema = _schema()
-    args = list(argv[1:])
-    for i, arg in enumerate(args):
-        if arg == "--":
-            break
-        if not arg.startswith(prefix):
+    spans = []
+    i = 1
+    while i < len(argv) and argv[i] != "--":
+        arg = argv[i]
+        prefix = next((p for p in prefixes if arg.startswith(p)), None)
+        if prefix is None:
+            i += 1
             continue
         name, eq, text = arg[len(prefix):].partition("=")
-        if name in schema:
-            if not eq:
-                if schema[name][0] is bool:
-                    continue
-                if i + 1 >= len(args):
-                    raise ConfigError(f"--{flag_name}.{name} needs a value.")
-                text = args[i + 1]
-            _parse_value(name, text)
-            continue
-        if name.startswith("no") and name[2:] in schema and schema[name[2:]][0] is bool and not eq:
-            raise ConfigError(f"{arg}: write --{flag_name}.{name[2:]}=false.")
-        raise ConfigError(_unknown_key_message(name, f" in {arg!r}"))
+        if name not in schema:
+            if name.startswith("no") and name[2:] in schema and schema[name[2:]][0] is bool and not eq:
+                raise ConfigError(f"{arg}: write --{flag_name}.{name[2:]}=false.")
+            raise ConfigError(_unknown_key_message(name, f" in {arg!r}"))
+        stop = i + 1
+        if not eq:
+            if schema[name][0] is bool:
+                text = "true"
+            elif i + 1 < len(argv):
+                text, stop = argv[i + 1], i + 2
+            else:
+                raise ConfigError(f"--{flag_name}.{name} needs a value.")
+        _parse_value(name, text)
+        spans.append((i, stop, name, text))
+        i = stop
+    return spans
 
 
-def none_literals(config: ml_collections.ConfigDict) -> None:
-    """Sets the optional keys given as ``--config.key=None`` to None, in place.
+def check_overrides(argv: Sequence[str], flag_name: str = "config") -> None:
+    """Checks the ``--config.key=value`` overrides in `argv` (see :func:`override_spans`).
 
-    ml_collections assigns the text 'None' to an optional string key;
-    :func:`check_overrides` and :func:`apply_overrides` read it as None.
+    Raises:
+      ConfigError: for an unknown key (with a suggestion and the list of valid
+        keys) or a value that does not parse as the key's type.
     """
-    for key, (_, optional) in _schema().items():
-        value = config[key]
-        if optional and isinstance(value, str) and value.lower() == "none":
-            config[key] = None
+    override_spans(argv, flag_name)
+
+
+def split_none_overrides(argv: Sequence[str], flag_name: str = "config") -> tuple[list[str], list[str]]:
+    """Takes the overrides that set an optional key to None out of `argv`.
+
+    absl's parsers of integer and float config fields cannot read None, so the
+    command line applies these itself (``--config.num_processes=None``).
+
+    Returns:
+      `argv` without those overrides, and the keys they set to None.
+    """
+    schema = _schema()
+    drop = [(a, b, key) for a, b, key, text in override_spans(argv, flag_name)
+            if schema[key][1] and text.lower() == "none"]
+    removed = {i for a, b, _ in drop for i in range(a, b)}
+    return [arg for i, arg in enumerate(argv) if i not in removed], [key for _, _, key in drop]
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
@@ -557,8 +591,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         config[key] = _parse_value(key, text)
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
+def load_config_file(path: str, validate: bool = True) -> ml_collections.ConfigDict:
     """Loads ``get_config()`` from a config file path (as ml_collections does).
+
+    Args:
+      path: the config file.
+      validate: check the config (off when overrides are still to come).
 
     Raises:
       ConfigError: if the file does not exist or has no get_config().
@@ -575,5 +613,6 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} defines no get_config().")
     config = module.get_config()
-    validate_config(config)
+    if validate:
+        validate_config(config)
     return config

@@ -297,7 +297,7 @@ def find_idx_files(data_dir: str | os.PathLike[str]) -> dict[str, Path] | None:
     """
     found = {}
     for field, name in IDX_FILES.items():
-        candidates = [Path(data_dir) / name, Path(data_dir) / f"{name}.gz"]
+        candidates = [Path(data_dir).expanduser() / name, Path(data_dir).expanduser() / f"{name}.gz"]
         path = next((p for p in candidates if p.is_file()), None)
         if path is None:
             return None
@@ -328,7 +328,7 @@ def read_idx_dir(
         missing = [
             name
             for name in IDX_FILES.values()
-            if not any((Path(data_dir) / n).is_file() for n in (name, f"{name}.gz"))
+            if not any((Path(data_dir).expanduser() / n).is_file() for n in (name, f"{name}.gz"))
         ]
         raise SourceUnavailableError(
             f"data_dir={str(data_dir)!r} lacks the MNIST IDX file(s) "

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -126,9 +127,9 @@ def make_optimizer(config: Any, total_steps: int) -> optax.GradientTransformatio
     if name == "sgd":
         tx = optax.sgd(lr)
     elif name == "momentum":
-        tx = optax.sgd(lr, momentum=config.momentum)
+        tx = optax.sgd(lr, momentum=0.9 if config.momentum is None else config.momentum)
     elif name == "rmsprop":
-        tx = optax.rmsprop(lr, decay=0.9, eps=eps, eps_in_sqrt=False)
+        tx = optax.rmsprop(lr, decay=0.9, eps=eps, eps_in_sqrt=False, momentum=config.momentum or None)
     elif name == "adam":
         tx = optax.adam(lr, eps=eps)
     elif name == "adamw":
@@ -493,6 +494,14 @@ def _build_programs(config: Any, model: nn.Module, tx: optax.GradientTransformat
 # --------------------------------------------------------------------------
 
 
+def json_line(record: dict[str, Any], **kwargs: Any) -> str:
+    """``record`` as strict JSON: a non-finite float (a diverged loss) is written as null."""
+    def finite(v: Any) -> Any:
+        return None if isinstance(v, float) and not np.isfinite(v) else v
+
+    return json.dumps({k: finite(v) for k, v in record.items()}, allow_nan=False, **kwargs)
+
+
 class _Outputs:
     """metrics.jsonl, TensorBoard events and curves.png (written by process 0 only)."""
 
@@ -508,7 +517,7 @@ class _Outputs:
         if not enabled:
             return
         with open(self.path(METRICS_FILE), "w") as f:  # rewritten from the checkpoint
-            f.writelines(json.dumps(record) + "\n" for record in history)
+            f.writelines(json_line(record) + "\n" for record in history)
         from tensorboardX import SummaryWriter
 
         self.writer = SummaryWriter(self.path(TENSORBOARD_DIR), purge_step=resume_step)
@@ -525,11 +534,21 @@ class _Outputs:
         if not self.enabled:
             return
         with open(self.path(METRICS_FILE), "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_line(record) + "\n")
+
+    def flush(self) -> None:
+        """Writes the buffered TensorBoard events (once per epoch: a killed run keeps them)."""
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _has_checkpoints(workdir: str) -> bool:
+    path = os.path.join(workdir, CHECKPOINT_DIR)
+    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
 
 
 def _checkpoint_manager(config: Any, workdir: str) -> ocp.CheckpointManager | None:
@@ -839,7 +858,45 @@ def train(config: Any, workdir: str, data: Mnist | None = None) -> TrainResult:
     config, data = _check(config, data)
     workdir = os.path.abspath(os.fspath(workdir))
     main = distributed.is_main_process()
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"workdir={workdir!r} is a file; expected a directory (new or a run's).")
     os.makedirs(workdir, exist_ok=True)
+    lock = _lock_workdir(workdir) if main else None
+    try:
+        return _train_in(config, workdir, data, main, start_time)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _lock_workdir(workdir: str) -> Any:
+    """Holds WORKDIR/.lock for the run: a second training process in the same workdir is refused."""
+    import fcntl
+
+    f = open(os.path.join(workdir, ".lock"), "a+")  # noqa: SIM115 (held until the run ends)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "unknown"
+        f.close()
+        raise ConfigError(
+            f"workdir={workdir!r} is in use by another training process (pid {owner}); "
+            "wait for it to finish or use another --workdir.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def _train_in(config: Any, workdir: str, data: Mnist | None, main: bool,
+              start_time: float) -> TrainResult:
+    if not config.checkpoint and _has_checkpoints(workdir):
+        raise ConfigError(
+            f"workdir={workdir!r} holds checkpoints, and config.checkpoint=False would leave "
+            "its config.json and metrics describing another run than they do; use a new "
+            "--workdir, or resume it with checkpoint=True.")
     manager = _checkpoint_manager(config, workdir)
     resume_epoch, meta = _restore_meta(manager, config)
 
@@ -848,8 +905,9 @@ def train(config: Any, workdir: str, data: Mnist | None = None) -> TrainResult:
     if resume_epoch:
         state = _restore_state(manager, resume_epoch, state)
         history = [r for r in meta["history"] if r["epoch"] <= resume_epoch]
-        if main:
-            print(f"Resumed from the checkpoint of epoch {resume_epoch} in {workdir}", flush=True)
+        if main:  # stdout is for the metrics
+            print(f"Resumed from the checkpoint of epoch {resume_epoch} in {workdir}",
+                  file=sys.stderr, flush=True)
     if main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config_base.to_dict(config), f, indent=2, sort_keys=True)
@@ -870,12 +928,19 @@ def train(config: Any, workdir: str, data: Mnist | None = None) -> TrainResult:
             record = _epoch_record(run, state, epoch, train_sums, divergence)
             record["steps_time_s"] = steps_time
             record["epoch_time_s"] = time.perf_counter() - t0
+            if main and not np.isfinite(record["train_loss"]):
+                warnings.warn(f"epoch {epoch}: the training loss is {record['train_loss']}; the "
+                              "run has diverged (metrics.jsonl records it as null).", stacklevel=2)
             history.append(record)
-            _save(manager, epoch, state, history, config)
             run.outputs.record(record)
             run.outputs.scalars(
                 {f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")},
                 record["step"])
+            # On disk before the checkpoint: a run killed after it resumes from
+            # it and must find its scalars there (those of an epoch whose
+            # checkpoint never came are purged on resume).
+            run.outputs.flush()
+            _save(manager, epoch, state, history, config)
         if manager is not None:
             manager.wait_until_finished()
         state, _ = _sync(run, state)

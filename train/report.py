@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -38,15 +39,28 @@ TABLE_COLUMNS = (
 
 
 def read_history(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Reads the per-epoch records of a metrics.jsonl file (skips the final record)."""
-    records = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                if not record.get("final", False):
-                    records.append(record)
-    return records
+    """Reads the per-epoch records of a metrics.jsonl file, in epoch order (skips the final record).
+
+    A last line cut short (a run killed while writing it) is ignored; an epoch
+    recorded twice keeps its later record.
+
+    Raises:
+      ValueError: for a line before the last that is not JSON.
+    """
+    lines = Path(path).read_text().splitlines()
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{os.fspath(path)}, line {i + 1}: not a JSON record") from None
+        if not record.get("final", False):
+            by_epoch[record["epoch"]] = record
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def _panel(ax: Any, histories: Mapping[str, Sequence[Mapping[str, Any]]], key: str, title: str) -> None:
