@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -482,9 +483,22 @@ def test_restart_after_completion_restores_instead_of_training(tmp_path):
     config.batch_size = 16
     with pytest.raises(ConfigError, match="batch_size: 32 -> 16"):
         loop.train(config, str(tmp_path))
-    # TensorBoard keeps every epoch's scalars across the two resumes.
+    # TensorBoard keeps every epoch's scalars across the two resumes, and the
+    # test scalars once per run that trained (not again for the rerun).
     spe = more.metrics["steps"] // 3
     assert visible_scalar_steps(tmp_path / "tb", "epoch/val_accuracy") == [spe, 2 * spe, 3 * spe]
+    assert visible_scalar_steps(tmp_path / "tb", "test/accuracy") == [2 * spe, 3 * spe]
+
+
+def test_damaged_checkpoint_is_named_with_a_way_out(tmp_path):
+    config = load("mlp_bn", num_epochs=2)
+    loop.train(config, str(tmp_path))
+    shutil.rmtree(tmp_path / "checkpoints" / "2" / "meta")
+    with pytest.raises(loop.CheckpointError,
+                       match=r"checkpoints/2 cannot be read .*move it away to resume from epoch 1"):
+        loop.train(config, str(tmp_path))
+    shutil.move(tmp_path / "checkpoints" / "2", tmp_path / "damaged")
+    assert loop.train(config, str(tmp_path)).metrics["epochs"] == 2  # epoch 2 trained again
 
 
 def test_fresh_run_in_a_used_workdir_replaces_its_tensorboard_scalars(tmp_path):
@@ -547,7 +561,8 @@ def test_resume_refuses_to_stretch_a_decaying_schedule(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, sig):
     epochs = 12
     reference = loop.train_and_evaluate(load("mlp_bn", num_epochs=epochs), str(tmp_path / "ref"))
 
@@ -556,7 +571,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
             *cli_overrides(num_epochs=epochs)]
     proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT,
                             env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True)
     first = workdir / "checkpoints" / "1"
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -564,8 +579,15 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
             assert proc.poll() is None, "training exited before its first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint in time"
             time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+        if sig == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL
+        else:  # stopped like Ctrl-C: the checkpoint being saved is completed
+            assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+            assert "stopped by SIGTERM; rerun the same command to resume" in stderr
+            assert [p.name for p in (workdir / "checkpoints").iterdir()
+                    if not p.name.isdigit()] == []
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -28,13 +28,15 @@ paper prescribes, instead of keeping the lagging moving averages.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -518,9 +520,16 @@ class _Outputs:
             return
         with open(self.path(METRICS_FILE), "w") as f:  # rewritten from the checkpoint
             f.writelines(json_line(record) + "\n" for record in history)
+        self._files = 0
+        self.writer = self._writer(purge_step=resume_step)
+
+    def _writer(self, **kwargs: Any) -> Any:
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(self.path(TENSORBOARD_DIR), purge_step=resume_step)
+        # A file per writer, named apart (tensorboardX names files by the second).
+        self._files += 1
+        return SummaryWriter(self.path(TENSORBOARD_DIR),
+                             filename_suffix=f".{os.getpid()}.{self._files}", **kwargs)
 
     def path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
@@ -537,9 +546,14 @@ class _Outputs:
             f.write(json_line(record) + "\n")
 
     def flush(self) -> None:
-        """Writes the buffered TensorBoard events (once per epoch: a killed run keeps them)."""
+        """Puts every TensorBoard event so far on disk (once per epoch: a killed run keeps them).
+
+        tensorboardX's flush() writes only what its writer thread has taken from
+        its queue; close() drains the queue. Later events go to a new file.
+        """
         if self.writer is not None:
-            self.writer.flush()
+            self.writer.close()
+            self.writer = self._writer()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -558,6 +572,60 @@ def _checkpoint_manager(config: Any, workdir: str) -> ocp.CheckpointManager | No
     return ocp.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR), options=options)
 
 
+@contextlib.contextmanager
+def stop_on_signals(program: str) -> Iterator[None]:
+    """For command lines: SIGTERM and Ctrl-C stop a run cleanly, with exit status 128 + signal.
+
+    SIGTERM (``kill``, a scheduler's preemption) is turned into the
+    KeyboardInterrupt of Ctrl-C, so that the run's ``finally`` completes the
+    checkpoint being saved and writes TensorBoard's events; a rerun resumes.
+    """
+    old = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        sys.stderr.write(f"{program}: stopped by {signal.Signals(signum).name}; rerun the same "
+                         "command to resume from the last checkpoint.\n")
+        sys.exit(128 + signum)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+class _Saving:
+    """While a checkpoint save is being started, a stop signal waits for it (see _save)."""
+
+    active = False
+    pending: int | None = None
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    if _Saving.active:
+        _Saving.pending = signum
+    else:
+        raise KeyboardInterrupt(signum)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint of the workdir cannot be read (damaged or incomplete)."""
+
+
+def _restore(manager: ocp.CheckpointManager, epoch: int, **items: Any) -> Any:
+    """manager.restore of `items` at `epoch`; a CheckpointError naming it if it cannot be read."""
+    try:
+        return manager.restore(epoch, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax and tensorstore raise many kinds for damaged files
+        where = os.path.join(os.fspath(manager.directory), str(epoch))
+        older = [int(s) for s in manager.all_steps() if s < epoch]
+        way_out = (f"move it away to resume from epoch {max(older)}" if older
+                   else "move it away to start afresh")
+        first = (str(e).splitlines() or [""])[0][:300]
+        raise CheckpointError(
+            f"the checkpoint {where} cannot be read ({type(e).__name__}: {first}); {way_out}, "
+            "or use a new --workdir.") from e
+
+
 def _restore_meta(manager: ocp.CheckpointManager | None, config: Any) -> tuple[int, dict[str, Any]]:
     """Returns (latest epoch, its metadata), or (0, {}); checks the config matches."""
     if manager is None or manager.latest_step() is None:
@@ -568,7 +636,7 @@ def _restore_meta(manager: ocp.CheckpointManager | None, config: Any) -> tuple[i
             f"the workdir holds a checkpoint of epoch {epoch}, past config.num_epochs="
             f"{config.num_epochs}; use a new --workdir or num_epochs >= {epoch}."
         )
-    meta = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    meta = _restore(manager, epoch, meta=ocp.args.JsonRestore()).meta
     saved = meta.get("config", {})
     current = config_base.to_dict(config)
     changed = sorted(
@@ -599,14 +667,23 @@ def _save(manager: ocp.CheckpointManager | None, epoch: int, state: TrainState,
     if manager is None:
         return
     meta = {"epoch": epoch, "history": history, "config": config_base.to_dict(config)}
-    manager.save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    # A stop signal in the middle of starting the save would leave only its
+    # temporary directory; under stop_on_signals it is raised once the save
+    # runs, and the run's `finally` (manager.close) then completes it.
+    _Saving.active = True
+    try:
+        manager.save(epoch, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    finally:
+        _Saving.active = False
+        signum, _Saving.pending = _Saving.pending, None
+        if signum is not None:
+            raise KeyboardInterrupt(signum)
 
 
 def _restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) -> TrainState:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    restored = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return restored.state
+    return _restore(manager, epoch, state=ocp.args.StandardRestore(abstract)).state
 
 
 def restore_state(workdir: str, like: TrainState, epoch: int | None = None) -> TrainState:
@@ -620,6 +697,7 @@ def restore_state(workdir: str, like: TrainState, epoch: int | None = None) -> T
 
     Raises:
       FileNotFoundError: if the workdir has no checkpoint.
+      CheckpointError: if that checkpoint cannot be read.
     """
     path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
@@ -850,7 +928,10 @@ def train(config: Any, workdir: str, data: Mnist | None = None) -> TrainResult:
 
     Raises:
       ConfigError: (a ValueError) for invalid config values, before any data is
-        loaded or anything is compiled.
+        loaded or anything is compiled; also for a workdir that is a file, is
+        in use by another process, or holds checkpoints of another config (or
+        any, with checkpoint=False).
+      CheckpointError: when the latest checkpoint cannot be read.
     """
     start_time = time.perf_counter()
     if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
@@ -947,9 +1028,10 @@ def _train_in(config: Any, workdir: str, data: Mnist | None, main: bool,
         _warn_if_stale(state, "the final test")
         metrics = _final_metrics(run, state, history, start_time)
         run.outputs.record({"final": True, **metrics})
-        run.outputs.scalars(
-            {"test/loss": metrics["test_loss"], "test/accuracy": metrics["test_accuracy"]},
-            metrics["steps"])
+        if resume_epoch < config.num_epochs:  # else logged by the run that trained them
+            run.outputs.scalars(
+                {"test/loss": metrics["test_loss"], "test/accuracy": metrics["test_accuracy"]},
+                metrics["steps"])
         if main and history:
             report.plot_curves(history, os.path.join(workdir, CURVES_FILE),
                                title=os.path.basename(workdir))

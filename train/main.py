@@ -78,14 +78,20 @@ def main(argv: Sequence[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     from train.data import DataFormatError, SourceUnavailableError
-    from train.loop import json_line, train_and_evaluate
+    from train.loop import (
+        CheckpointError,
+        json_line,
+        stop_on_signals,
+        train_and_evaluate,
+    )
 
     config = _CONFIG.value
     for key in _NONE_KEYS:
         config[key] = None
     try:
-        metrics = train_and_evaluate(config, _WORKDIR.value)
-    except (config_base.ConfigError, DataFormatError, SourceUnavailableError) as e:
+        with stop_on_signals("jaxbn-train"):
+            metrics = train_and_evaluate(config, _WORKDIR.value)
+    except (config_base.ConfigError, DataFormatError, SourceUnavailableError, CheckpointError) as e:
         sys.stderr.write(f"jaxbn-train: error: {e}\n")
         sys.exit(2)
     print(json_line(metrics, indent=2, sort_keys=True))
