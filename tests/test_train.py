@@ -490,6 +490,31 @@ def test_restart_after_completion_restores_instead_of_training(tmp_path):
     assert visible_scalar_steps(tmp_path / "tb", "test/accuracy") == [2 * spe, 3 * spe]
 
 
+def test_workdir_of_the_previous_checkpoint_format_resumes(tmp_path):
+    # Format 1 stored momentum 0.9 for every optimizer (only "momentum" used it).
+    for overrides in ({}, {"optimizer": "rmsprop"}, {"optimizer": "momentum"}):
+        config = load("mlp_bn", num_epochs=1, **overrides)
+        workdir = tmp_path / config.optimizer
+        loop.train(config, str(workdir))
+        meta_file = workdir / "checkpoints" / "1" / "meta" / "metadata"
+        meta = json.loads(meta_file.read_text())
+        assert meta.pop("format") == 2
+        meta["config"]["momentum"] = 0.9
+        meta_file.write_text(json.dumps(meta))
+        config.num_epochs = 2
+        assert loop.train(config, str(workdir)).metrics["epochs"] == 2
+    config = load("mlp_bn", num_epochs=2, optimizer="rmsprop", momentum=0.9)
+    with pytest.raises(ConfigError, match="momentum: None -> 0.9"):  # it was not applied
+        loop.train(config, str(tmp_path / "rmsprop"))
+
+
+def test_restore_state_of_a_missing_epoch_is_file_not_found(tmp_path):
+    result = loop.train(load("mlp_bn"), str(tmp_path))
+    assert loop.restore_state(str(tmp_path), result.state).step == result.state.step
+    with pytest.raises(FileNotFoundError, match="no checkpoint of epoch 7"):
+        loop.restore_state(str(tmp_path), result.state, epoch=7)
+
+
 def test_damaged_checkpoint_is_named_with_a_way_out(tmp_path):
     config = load("mlp_bn", num_epochs=2)
     loop.train(config, str(tmp_path))
@@ -647,6 +672,22 @@ def test_compare_reads_overrides_as_the_train_command_does():
         3, True, None, False)
     with pytest.raises(SystemExit):
         compare.parse_args(["a.py", "--workdir", "w", "--config.checkpoint=no"])  # not absl's
+
+
+def test_none_overrides_follow_absl_order_and_config_arguments_pass_the_check(tmp_path):
+    argv = ["x", "--config.data_dir=None", "--config.data_dir=/a", "--config.num_processes=3",
+            "--config.num_processes", "none"]
+    assert config_base.split_none_overrides(argv) == (
+        ["x", "--config.data_dir=/a", "--config.num_processes=3"], ["num_processes"])
+    from train import main
+
+    with_arg = tmp_path / "sized.py"  # ml_collections' --config=FILE:ARG form
+    with_arg.write_text("from train.config_base import base_config\n\n\n"
+                        "def get_config(arg):\n    return base_config()\n")
+    main._check_config_path(["x", f"--config={with_arg}:small"])
+    with pytest.raises(ConfigError, match="defines no get_config"):
+        (tmp_path / "empty.py").write_text("")
+        main._check_config_path(["x", "--config", str(tmp_path / "empty.py")])
 
 
 def test_compare_refuses_configs_with_different_seeds(tmp_path):

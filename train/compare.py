@@ -140,10 +140,10 @@ def run(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m train.compare`` and the jaxbn-compare script."""
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from train.data import DataFormatError, SourceUnavailableError
-    from train.loop import CheckpointError, stop_on_signals
+    from train.loop import CheckpointError, stop_on_sigterm
 
     try:
-        with stop_on_signals("jaxbn-compare"):
+        with stop_on_sigterm("jaxbn-compare"):
             compare(args.configs, args.workdir, overrides, args.plot, args.table)
     except (ConfigError, DataFormatError, SourceUnavailableError, CheckpointError) as e:
         sys.stderr.write(f"jaxbn-compare: error: {e}\n")

@@ -569,10 +569,12 @@ def split_none_overrides(argv: Sequence[str], flag_name: str = "config") -> tupl
       `argv` without those overrides, and the keys they set to None.
     """
     schema = _schema()
-    drop = [(a, b, key) for a, b, key, text in override_spans(argv, flag_name)
-            if schema[key][1] and text.lower() == "none"]
-    removed = {i for a, b, _ in drop for i in range(a, b)}
-    return [arg for i, arg in enumerate(argv) if i not in removed], [key for _, _, key in drop]
+    spans = override_spans(argv, flag_name)
+    last = {key: text for _, _, key, text in spans}  # the last override of a key wins
+    drop = [(a, b) for a, b, key, text in spans if schema[key][1] and text.lower() == "none"]
+    removed = {i for a, b in drop for i in range(a, b)}
+    keys = [key for key, text in last.items() if schema[key][1] and text.lower() == "none"]
+    return [arg for i, arg in enumerate(argv) if i not in removed], keys
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
@@ -591,12 +593,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         config[key] = _parse_value(key, text)
 
 
-def load_config_file(path: str, validate: bool = True) -> ml_collections.ConfigDict:
-    """Loads ``get_config()`` from a config file path (as ml_collections does).
-
-    Args:
-      path: the config file.
-      validate: check the config (off when overrides are still to come).
+def config_module(path: str) -> Any:
+    """Imports a config file (as ml_collections does) and checks that it defines get_config().
 
     Raises:
       ConfigError: if the file does not exist or has no get_config().
@@ -612,7 +610,17 @@ def load_config_file(path: str, validate: bool = True) -> ml_collections.ConfigD
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} defines no get_config().")
+    return module
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Loads and validates ``get_config()`` of a config file path.
+
+    Raises:
+      ConfigError: if the file does not exist, has no get_config() or gives an
+        invalid config.
+    """
+    module = config_module(path)
     config = module.get_config()
-    if validate:
-        validate_config(config)
+    validate_config(config)
     return config

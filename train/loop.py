@@ -34,6 +34,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -529,7 +530,7 @@ class _Outputs:
         # A file per writer, named apart (tensorboardX names files by the second).
         self._files += 1
         return SummaryWriter(self.path(TENSORBOARD_DIR),
-                             filename_suffix=f".{os.getpid()}.{self._files}", **kwargs)
+                             filename_suffix=f".{os.getpid()}.{self._files:06d}", **kwargs)
 
     def path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
@@ -572,39 +573,77 @@ def _checkpoint_manager(config: Any, workdir: str) -> ocp.CheckpointManager | No
     return ocp.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR), options=options)
 
 
-@contextlib.contextmanager
-def stop_on_signals(program: str) -> Iterator[None]:
-    """For command lines: SIGTERM and Ctrl-C stop a run cleanly, with exit status 128 + signal.
+class StopRequested(Exception):
+    """SIGTERM arrived while a run trained under :func:`stop_on_sigterm`; the run stopped cleanly."""
 
-    SIGTERM (``kill``, a scheduler's preemption) is turned into the
-    KeyboardInterrupt of Ctrl-C, so that the run's ``finally`` completes the
-    checkpoint being saved and writes TensorBoard's events; a rerun resumes.
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Stop:
+    armed = False  # in the epoch loop: SIGTERM waits for the next call boundary
+    requested: int | None = None
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # Only a flag: an exception raised in a signal handler can land in a
+    # garbage-collection callback or a __del__, where Python drops it.
+    if _Stop.armed:
+        _Stop.requested = signum
+    else:  # loading, compiling, the final test: nothing to keep, end as usual
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _check_stop() -> None:
+    if _Stop.requested is not None:
+        signum, _Stop.requested = _Stop.requested, None
+        raise StopRequested(signum)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(program: str) -> Iterator[None]:
+    """For command lines: SIGTERM during training stops the run cleanly, with exit status 143.
+
+    SIGTERM (``kill``, a scheduler's preemption) that arrives while epochs
+    train is acted on between two compiled calls: the run stops, completes the
+    checkpoint being saved and writes TensorBoard's events; rerunning the
+    command resumes. At other times (loading, compiling, the final test) it
+    ends the process at once, as by default. Only in the main thread of a
+    single-process run: in a multi-process run JAX's preemption service takes
+    SIGTERM over.
     """
-    old = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         yield
-    except KeyboardInterrupt as e:
-        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
-        sys.stderr.write(f"{program}: stopped by {signal.Signals(signum).name}; rerun the same "
-                         "command to resume from the last checkpoint.\n")
-        sys.exit(128 + signum)
+    except StopRequested as e:
+        sys.stderr.write(f"{program}: stopped by {signal.Signals(e.signum).name}; rerun the "
+                         "same command to resume from the last checkpoint.\n")
+        sys.exit(128 + e.signum)
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        signal.signal(signal.SIGTERM, old)
+        _Stop.requested = None
 
 
-class _Saving:
-    """While a checkpoint save is being started, a stop signal waits for it (see _save)."""
-
-    active = False
-    pending: int | None = None
+# 2: config.momentum is None unless set, and rmsprop applies it (format 1 kept
+# 0.9 there and only the "momentum" optimizer used it).
+META_FORMAT = 2
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    if _Saving.active:
-        _Saving.pending = signum
-    else:
-        raise KeyboardInterrupt(signum)
+def _effective_momentum(config: dict[str, Any], legacy: bool) -> dict[str, Any]:
+    """`config` with the momentum its optimizer actually uses, so that equal runs compare equal."""
+    if "momentum" not in config:
+        return config
+    name, value = config.get("optimizer"), config["momentum"]
+    if name == "momentum":
+        value = 0.9 if value is None else value
+    elif legacy or name != "rmsprop" or not value:
+        value = None
+    return {**config, "momentum": value}
 
 
 class CheckpointError(RuntimeError):
@@ -637,8 +676,8 @@ def _restore_meta(manager: ocp.CheckpointManager | None, config: Any) -> tuple[i
             f"{config.num_epochs}; use a new --workdir or num_epochs >= {epoch}."
         )
     meta = _restore(manager, epoch, meta=ocp.args.JsonRestore()).meta
-    saved = meta.get("config", {})
-    current = config_base.to_dict(config)
+    saved = _effective_momentum(meta.get("config", {}), legacy=meta.get("format", 1) < 2)
+    current = _effective_momentum(config_base.to_dict(config), legacy=False)
     changed = sorted(
         k for k in current
         if k not in config_base.RESUMABLE_KEYS and saved.get(k, current[k]) != current[k]
@@ -666,19 +705,10 @@ def _save(manager: ocp.CheckpointManager | None, epoch: int, state: TrainState,
           history: list[dict[str, Any]], config: Any) -> None:
     if manager is None:
         return
-    meta = {"epoch": epoch, "history": history, "config": config_base.to_dict(config)}
-    # A stop signal in the middle of starting the save would leave only its
-    # temporary directory; under stop_on_signals it is raised once the save
-    # runs, and the run's `finally` (manager.close) then completes it.
-    _Saving.active = True
-    try:
-        manager.save(epoch, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-    finally:
-        _Saving.active = False
-        signum, _Saving.pending = _Saving.pending, None
-        if signum is not None:
-            raise KeyboardInterrupt(signum)
+    meta = {"epoch": epoch, "history": history, "config": config_base.to_dict(config),
+            "format": META_FORMAT}
+    manager.save(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
 
 def _restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) -> TrainState:
@@ -703,8 +733,9 @@ def restore_state(workdir: str, like: TrainState, epoch: int | None = None) -> T
     manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
     try:
         epoch = manager.latest_step() if epoch is None else epoch
-        if epoch is None:
-            raise FileNotFoundError(f"no checkpoint in {path}")
+        if epoch is None or epoch not in manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint {'' if epoch is None else f'of epoch {epoch} '}"
+                                    f"in {path}")
         return _restore_state(manager, epoch, like)
     finally:
         manager.close()
@@ -776,6 +807,7 @@ def train_epoch(run: Run, state: TrainState, epoch: int) -> tuple[TrainState, tu
             np.int32(epoch), np.int32(start))
         start += num_steps
         pending.append((start, sums))
+        _check_stop()
         if start - logged >= LOG_EVERY_STEPS and len(pending) > 1:
             # Everything but the call just dispatched, which keeps the device busy.
             consume(pending[:-1])
@@ -997,7 +1029,9 @@ def _train_in(config: Any, workdir: str, data: Mnist | None, main: bool,
     # resumed epoch's last scalars, at resume_epoch * steps_per_epoch, stay).
     purge_step = resume_epoch * run.steps_per_epoch + 1 if resume_epoch else 0
     run.outputs = _Outputs(workdir, history, purge_step, main)
+    diverged = False
     try:
+        _Stop.armed = True
         for epoch in range(resume_epoch + 1, config.num_epochs + 1):
             t0 = time.perf_counter()
             state, train_sums = train_epoch(run, state, epoch)
@@ -1009,9 +1043,11 @@ def _train_in(config: Any, workdir: str, data: Mnist | None, main: bool,
             record = _epoch_record(run, state, epoch, train_sums, divergence)
             record["steps_time_s"] = steps_time
             record["epoch_time_s"] = time.perf_counter() - t0
-            if main and not np.isfinite(record["train_loss"]):
-                warnings.warn(f"epoch {epoch}: the training loss is {record['train_loss']}; the "
-                              "run has diverged (metrics.jsonl records it as null).", stacklevel=2)
+            if main and not diverged and not np.isfinite(record["train_loss"]):
+                diverged = True
+                warnings.warn(f"{workdir}: epoch {epoch}: the training loss is "
+                              f"{record['train_loss']}; the run has diverged (metrics.jsonl "
+                              "records it as null).", stacklevel=2)
             history.append(record)
             run.outputs.record(record)
             run.outputs.scalars(
@@ -1022,6 +1058,8 @@ def _train_in(config: Any, workdir: str, data: Mnist | None, main: bool,
             # checkpoint never came are purged on resume).
             run.outputs.flush()
             _save(manager, epoch, state, history, config)
+            _check_stop()
+        _Stop.armed = False
         if manager is not None:
             manager.wait_until_finished()
         state, _ = _sync(run, state)
@@ -1036,6 +1074,7 @@ def _train_in(config: Any, workdir: str, data: Mnist | None, main: bool,
             report.plot_curves(history, os.path.join(workdir, CURVES_FILE),
                                title=os.path.basename(workdir))
     finally:
+        _Stop.armed = False
         run.outputs.close()
         if manager is not None:
             manager.close()

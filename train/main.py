@@ -69,7 +69,7 @@ def _check_config_path(argv: Sequence[str]) -> None:
                 f"--config {path}: no such file; expected a config file such as "
                 "configs/lenet_bn.py."
             )
-        config_base.load_config_file(path.split(":", 1)[0], validate=False)  # no get_config()?
+        config_base.config_module(path.split(":", 1)[0])  # no get_config()?
 
 
 def main(argv: Sequence[str]) -> None:
@@ -81,7 +81,7 @@ def main(argv: Sequence[str]) -> None:
     from train.loop import (
         CheckpointError,
         json_line,
-        stop_on_signals,
+        stop_on_sigterm,
         train_and_evaluate,
     )
 
@@ -89,7 +89,7 @@ def main(argv: Sequence[str]) -> None:
     for key in _NONE_KEYS:
         config[key] = None
     try:
-        with stop_on_signals("jaxbn-train"):
+        with stop_on_sigterm("jaxbn-train"):
             metrics = train_and_evaluate(config, _WORKDIR.value)
     except (config_base.ConfigError, DataFormatError, SourceUnavailableError, CheckpointError) as e:
         sys.stderr.write(f"jaxbn-train: error: {e}\n")
