@@ -265,62 +265,61 @@ def paired_sums(p: jax.Array, q: jax.Array, red: tuple[int, ...]) -> tuple[jax.A
     return lax.platform_dependent(p, q, cpu=partial(_blocked_pair_sums, red=red), default=partial(_two_sums, red=red))
 
 
-def _plain_sums(xv, red, size):
-    """One read of x for both sums: ``(mean, E[x^2] - E[x]^2 scaled to M2, sum(|x|^2))``."""
-    s1, s2 = paired_sums(xv, abs_sq(xv), red)
-    mean = s1 / size
-    return mean, jnp.maximum(s2 - size * abs_sq(mean), 0), s2
+def _plain_sums(xv, v: View):
+    """One read of x for both sums, per feature: ``(mean, E[x^2] - E[x]^2 scaled to M2, sum(|x|^2))``."""
+    s1, s2 = paired_sums(xv, abs_sq(xv), v.red)
+    s1, s2 = v.fold_sum(s1), v.fold_sum(s2)
+    n = v.column_size * v.k
+    mean = s1 / n
+    return mean, jnp.maximum(s2 - n * abs_sq(mean), 0), s2
 
 
-def _shifted_moments(xv, *, red, size):
-    """``(mean, M2)`` from data shifted by the first element K of each column.
+def _centered_sums(xv, v: View, c):
+    """Per-feature ``(mean, M2)`` from the sums of ``x - c``, ``c`` one value per feature.
+
+    Every column of a feature is centered on the same ``c`` and the sums are
+    folded before the statistics are formed, so nothing is rounded to a
+    per-column mean (whose rounding, ``ulp(|mean|)``, would enter the merged
+    variance where ``|mean| >> std``). The two sums must not share a full-size
+    intermediate (not even the broadcast ``c``): a shared one is materialized,
+    costing a write and two reads. Hence ``x - c`` in one and ``x + (-c)``
+    (equal bit for bit) in the other.
+    """
+    cb = v.bcast(c)
+    r, q = paired_sums(xv - cb, abs_sq(xv + (-cb)), v.red)
+    r, q = v.fold_sum(r), v.fold_sum(q)
+    n = v.column_size * v.k
+    return c + r / n, jnp.maximum(q - abs_sq(r) / n, 0)
+
+
+def _shifted_moments(xv, *, v: View):
+    """``(mean, M2)`` from data shifted by a first element K of each feature.
 
     ``sum(x-K)`` and ``sum(|x-K|^2)`` each need one read of x and the
     cancellation error is ``eps * |K-mean|^2 / var`` instead of
-    ``eps * mean^2 / var``. The two sums must not share a full-size
-    intermediate (not even the broadcast shift): a shared one is materialized,
-    costing a write and two reads. Hence ``x - K`` in one and ``x + (-K)``
-    (equal bit for bit) in the other.
+    ``eps * mean^2 / var``.
     """
-    k = _first_row(xv, red)
-    s1 = jnp.sum(xv - k, axis=red)
-    s2 = jnp.sum(abs_sq(xv + (-k)), axis=red)
-    mean_d = s1 / size
-    return mean_d + jnp.squeeze(k, red), jnp.maximum(s2 - size * abs_sq(mean_d), 0)
+    first = _first_row(xv, v.red)
+    k = first.reshape(-1)[: math.prod(v.fshape)].reshape(v.fshape) if v.k > 1 else jnp.squeeze(first, v.red)
+    return _centered_sums(xv, v, k)
 
 
-def _checked_moments(xv, *, red, size):
+def _checked_moments(xv, *, v: View):
     """``(mean, M2)`` from the plain sums, redone in two passes only where they would lose accuracy.
 
     XLA:CPU reduces ``x`` at full memory speed but ``x - K`` (any broadcast
     operand) at half of it, so on CPU the shifted sums cost twice the plain
-    ones. The plain sums are exact enough when every column has
+    ones. The plain sums are exact enough when every feature has
     ``|mean|^2 <= WELL_CONDITIONED * var`` (``sum|x|^2`` then exceeds ``M2``
     at most ``1 + WELL_CONDITIONED`` times); otherwise (a large offset, constant
     data, a NaN) a ``lax.cond`` computes ``sum(x - mean)`` and
     ``sum(|x - mean|^2)`` from the one-pass mean, which is exact to the
     rounding of the data. The branch not taken costs nothing at run time.
     """
-    mean, m2, s2 = _plain_sums(xv, red, size)
+    mean, m2, s2 = _plain_sums(xv, v)
     ok = jnp.all(s2 <= (1 + WELL_CONDITIONED) * m2)
-
-    def two_pass(mean, m2):
-        c = jnp.expand_dims(mean, red)
-        r, q = paired_sums(xv - c, abs_sq(xv + (-c)), red)
-        return mean + r / size, jnp.maximum(q - abs_sq(r) / size, 0)
-
-    return lax.cond(ok, lambda mean, m2: (mean, m2), two_pass, mean, m2)
-
-
-def _merge_columns(v: View, n, mean, m2):
-    """Chan's merge of the k columns of each feature into per-feature (count, mean, M2)."""
-    n, mean, m2 = v.columns(n), v.columns(mean), v.columns(m2)
-    if v.k == 1:
-        return n[0], mean[0], m2[0]
-    total = jnp.sum(n, axis=0)
-    inv = inverse_count(total)
-    pooled = jnp.sum(n * mean, axis=0) * inv
-    return total, pooled, jnp.sum(m2, axis=0) + jnp.sum(n * abs_sq(mean - pooled), axis=0)
+    return lax.cond(ok, lambda mean, m2: (mean, m2), lambda mean, m2: _centered_sums(xv, v, mean),
+                    mean, m2)
 
 
 def local_moments(
@@ -351,37 +350,37 @@ def local_moments(
     v = view(x, red)
     xv = v.of(x).astype(dtype)
     size = v.column_size
-    cshape = tuple(d for i, d in enumerate(v.shape) if i not in v.red)
 
     if mask is None and not fast_variance and _sharded(x, red):
-        # jax 0.10 explicit meshes cannot slice a sharded axis (no shift): two passes.
+        # jax 0.10 explicit meshes cannot slice a sharded axis (no shift): two
+        # passes (such arrays keep their shape: one column per feature).
         mean = jnp.sum(xv, axis=v.red) / size
         m2 = jnp.sum(abs_sq(xv - jnp.expand_dims(mean, v.red)), axis=v.red)
-        return _merge_columns(v, jnp.full(cshape, size, rdtype), mean, m2)
+        return jnp.full(fshape, size, rdtype), mean, m2
 
     if mask is None:
-        n = jnp.full(cshape, size, rdtype)
+        n = jnp.full(fshape, size * v.k, rdtype)
         if fast_variance:
-            mean, m2, _ = _plain_sums(xv, v.red, size)
+            mean, m2, _ = _plain_sums(xv, v)
         else:
             mean, m2 = lax.platform_dependent(
-                xv,
-                cpu=partial(_checked_moments, red=v.red, size=size),
-                default=partial(_shifted_moments, red=v.red, size=size),
-            )
-        return _merge_columns(v, n, mean, m2)
+                xv, cpu=partial(_checked_moments, v=v), default=partial(_shifted_moments, v=v))
+        return n, mean, m2
 
+    # The mean first (two passes), so that no masked value can act as a shift;
+    # every column of a feature is centered on that feature's mean.
     valid = v.of(jnp.broadcast_to(jnp.asarray(mask, bool), x.shape))
-    n = jnp.sum(valid, axis=v.red, dtype=rdtype)
+    n = v.fold_sum(jnp.sum(valid, axis=v.red, dtype=rdtype))
     inv_n = inverse_count(n)
     xs = jnp.where(valid, xv, 0)
-    mean = jnp.sum(xs, axis=v.red) * inv_n
+    mean = v.fold_sum(jnp.sum(xs, axis=v.red)) * inv_n
     if fast_variance:
-        m2 = jnp.maximum(jnp.sum(abs_sq(xs), axis=v.red) - n * abs_sq(mean), 0)
-    else:
-        d = jnp.where(valid, xv - jnp.expand_dims(mean, v.red), 0)
-        m2 = jnp.sum(abs_sq(d), axis=v.red)
-    return _merge_columns(v, n, mean, m2)
+        s2 = v.fold_sum(jnp.sum(abs_sq(xs), axis=v.red))
+        return n, mean, jnp.maximum(s2 - n * abs_sq(mean), 0)
+    c = v.bcast(mean)
+    r, q = paired_sums(jnp.where(valid, xv - c, 0), abs_sq(jnp.where(valid, xv + (-c), 0)), v.red)
+    r, q = v.fold_sum(r), v.fold_sum(q)
+    return n, mean + r * inv_n, jnp.maximum(q - abs_sq(r) * inv_n, 0)
 
 
 def merge_moments(
