@@ -74,8 +74,9 @@ class View(NamedTuple):
     columns and rows are at least :data:`MIN_ROW_WIDTH` wide. XLA:CPU reduces a
     minor dimension of 3 to 12 elements 1.5-2x slower than a wide one (the
     whole fwd+bwd on (64, 24, 24, C), C = 3..12, measured 1.47-1.96x faster
-    with the view). Each column gets its own statistics, merged per feature
-    with Chan's formula, so nothing is lost. Only reductions use the view:
+    with the view). The columns' sums are folded per feature before the
+    statistics are formed, all columns of a feature centered on one value, so
+    nothing is lost (no per-column mean is rounded). Only reductions use the view:
     elementwise work stays in the input's own layout (computing y in the view
     cost the LeNet step about 0.1 ms).
 
@@ -335,8 +336,8 @@ def local_moments(
     Without a mask the default reads x once per sum and stays exact whatever
     the offset of the data: on CPU the plain sums, checked and redone centered
     where they would cancel (:func:`_checked_moments`); elsewhere sums of data
-    shifted by a value near the mean (:func:`_shifted_moments`). Columns of
-    the :class:`View` are then merged per feature (Chan). With a mask the mean
+    shifted by a value near the mean (:func:`_shifted_moments`); the sums of
+    the :class:`View`'s columns are folded per feature. With a mask the mean
     is taken first (two passes) so that no masked value can act as a shift; so
     is it when a reduction axis is explicitly sharded (jax's explicit meshes
     cannot slice it). ``fast_variance=True`` is the plain one-pass
