@@ -535,7 +535,7 @@ def test_fresh_run_in_a_used_workdir_replaces_its_tensorboard_scalars(tmp_path):
     assert [json.loads(line).get("epoch") for line in lines] == [1, None]
 
 
-def test_workdir_misuse_is_refused(tmp_path):
+def test_workdir_misuse_is_refused(tmp_path, monkeypatch, capsys):
     config = load("mlp_bn")
     loop.train(config, str(tmp_path / "run"))
     # checkpoint=False would leave config.json and metrics.jsonl describing
@@ -544,6 +544,10 @@ def test_workdir_misuse_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="holds checkpoints"):
         loop.train(config, str(tmp_path / "run"))
     config.checkpoint = True
+    monkeypatch.setenv("HOME", str(tmp_path))  # --workdir=~/run: no shell expands that ~
+    capsys.readouterr()
+    assert loop.train(config, "~/run").metrics["epochs"] == 1
+    assert f"Resumed from the checkpoint of epoch 1 in {tmp_path / 'run'}" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="is a file"):
         loop.train(config, str(tmp_path / "file"))

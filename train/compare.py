@@ -94,6 +94,7 @@ def compare(
 
     configs = load_configs(paths, overrides)
     names = run_names(paths)
+    workdir = os.path.expanduser(workdir)
     if data is None:
         data = inputs.load_dataset(configs[0])
     results, histories = {}, {}

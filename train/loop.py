@@ -969,7 +969,7 @@ def train(config: Any, workdir: str, data: Mnist | None = None) -> TrainResult:
     if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
         raise ConfigError(f"workdir={workdir!r}: expected a directory path.")
     config, data = _check(config, data)
-    workdir = os.path.abspath(os.fspath(workdir))
+    workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))  # --workdir=~/x
     main = distributed.is_main_process()
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"workdir={workdir!r} is a file; expected a directory (new or a run's).")
