@@ -41,7 +41,7 @@ def _path(module: nn.Module) -> tuple[str, ...]:
 def _find_pairs(model: nn.Module, variables, args, kwargs):
     """Runs the model once and records each BN whose input is exactly a Dense/Conv output."""
     outputs: dict[int, tuple[nn.Module, Any]] = {}
-    pairs: list[tuple[tuple[str, ...], tuple[str, ...], nn.Module, nn.Module, int]] = []
+    pairs: list[tuple[tuple[str, ...], tuple[str, ...], nn.Module, nn.Module, int, Any]] = []
 
     def interceptor(next_fun, call_args, call_kwargs, context):
         out = next_fun(*call_args, **call_kwargs)
@@ -53,7 +53,7 @@ def _find_pairs(model: nn.Module, variables, args, kwargs):
         elif isinstance(mod, _NORMS) and call_args:
             hit = outputs.get(id(call_args[0]))
             if hit is not None and hit[1] is call_args[0]:
-                pairs.append((_path(hit[0]), _path(mod), hit[0], mod, call_args[0].ndim))
+                pairs.append((_path(hit[0]), _path(mod), hit[0], mod, call_args[0].ndim, out.dtype))
         return out
 
     with nn.intercept_methods(interceptor):
@@ -93,8 +93,9 @@ def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any], *args: Any, 
         raise ValueError("fold_batch_norm found no Dense/Conv directly followed by a BatchNorm.")
     params = traverse_util.flatten_dict(unfreeze(variables["params"]))
     stats = traverse_util.flatten_dict(unfreeze(variables.get("batch_stats", {})))
-    folded_bn, biased = set(), set()
-    for lin_path, bn_path, lin, bn, ndim in pairs:
+    folded_bn: dict[tuple[str, ...], Any] = {}  # BN path -> its output dtype
+    biased = set()
+    for lin_path, bn_path, lin, bn, ndim, out_dtype in pairs:
         axes = (bn.axis,) if isinstance(bn.axis, int) else tuple(bn.axis)
         if tuple(a % ndim for a in axes) != (ndim - 1,):
             raise ValueError(
@@ -112,7 +113,7 @@ def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any], *args: Any, 
         params[lin_path + ("bias",)] = jnp.asarray((b - mean) * s + beta, kernel.dtype)
         if not lin.use_bias:
             biased.add(lin_path)
-        folded_bn.add(bn_path)
+        folded_bn[bn_path] = out_dtype
         for key in [k for k in list(params) if k[: len(bn_path)] == bn_path]:
             del params[key]
         for key in [k for k in list(stats) if k[: len(bn_path)] == bn_path]:
@@ -126,7 +127,7 @@ def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any], *args: Any, 
     def interceptor(next_fun, call_args, call_kwargs, context):
         path = _path(context.module)
         if context.method_name == "__call__" and path in folded_bn:
-            return call_args[0]
+            return call_args[0].astype(folded_bn[path])  # the dtype the BN gave
         result = next_fun(*call_args, **call_kwargs)
         if context.method_name == "__call__" and path in biased:
             result = result + context.module.get_variable("params", "bias").astype(result.dtype)

@@ -130,6 +130,32 @@ def test_fold_batch_norm_matches_unfolded(norm, conv_bias):
     assert "rsqrt" not in jaxpr and "sqrt" not in jaxpr
 
 
+class MixedDenseBN(nn.Module):
+    """A half-precision layer before or in the BN: its output dtype is the BN's to keep."""
+
+    dense_dtype: Any = None
+    bn_dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        z = nn.Dense(4, dtype=self.dense_dtype)(x)
+        return jaxbn.BatchNorm(use_running_average=True, dtype=self.bn_dtype)(z)
+
+
+@pytest.mark.parametrize("dense_dtype, bn_dtype", [(jnp.bfloat16, None), (None, jnp.bfloat16),
+                                                   (jnp.float16, None)])
+def test_fold_batch_norm_keeps_the_output_dtype(dense_dtype, bn_dtype):
+    model = MixedDenseBN(dense_dtype, bn_dtype)
+    x = jax.random.normal(jax.random.key(0), (8, 3))
+    v = model.init(jax.random.key(1), x)
+    want = model.apply(v, x)
+    folded = jaxbn.fold_batch_norm(model, v, x)
+    got = folded.apply(folded.variables, x)
+    assert got.dtype == want.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=0.02, atol=0.02)
+
+
 class SeqDenseBN(nn.Module):
     """Dense over the features of (N, T, D) activations, then BN on ``axis``."""
 
