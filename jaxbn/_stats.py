@@ -112,6 +112,11 @@ class View(NamedTuple):
         """Elements reduced per column."""
         return math.prod(self.shape[i] for i in self.red)
 
+    @property
+    def count(self) -> int:
+        """Elements reduced per feature (all its columns)."""
+        return self.column_size * self.k
+
     def of(self, x: jax.Array) -> jax.Array:
         """``x`` (input shape) seen through the view."""
         return x.reshape(self.shape)
@@ -270,7 +275,7 @@ def _plain_sums(xv, v: View):
     """One read of x for both sums, per feature: ``(mean, E[x^2] - E[x]^2 scaled to M2, sum(|x|^2))``."""
     s1, s2 = paired_sums(xv, abs_sq(xv), v.red)
     s1, s2 = v.fold_sum(s1), v.fold_sum(s2)
-    n = v.column_size * v.k
+    n = v.count
     mean = s1 / n
     return mean, jnp.maximum(s2 - n * abs_sq(mean), 0), s2
 
@@ -289,7 +294,7 @@ def _centered_sums(xv, v: View, c):
     cb = v.bcast(c)
     r, q = paired_sums(xv - cb, abs_sq(xv + (-cb)), v.red)
     r, q = v.fold_sum(r), v.fold_sum(q)
-    n = v.column_size * v.k
+    n = v.count
     return c + r / n, jnp.maximum(q - abs_sq(r) / n, 0)
 
 
@@ -360,7 +365,7 @@ def local_moments(
         return jnp.full(fshape, size, rdtype), mean, m2
 
     if mask is None:
-        n = jnp.full(fshape, size * v.k, rdtype)
+        n = jnp.full(fshape, v.count, rdtype)
         if fast_variance:
             mean, m2, _ = _plain_sums(xv, v)
         else:
