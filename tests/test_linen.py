@@ -133,6 +133,35 @@ def test_extra_options_add_variables_only_when_enabled():
     np.testing.assert_array_equal(v["batch_stats"]["count"], 3)
 
 
+def test_pytorch_batchnorm2d_settings_reproduce_its_running_stats_and_outputs():
+    """README "Coming from other libraries": torch's BatchNorm2d(C, momentum=0.1) on NCHW data
+    is jaxbn.BatchNorm(axis=1, momentum=0.9, unbiased_running_var=True). The reference is
+    torch's documented update: running = (1 - m) * running + m * batch, with the batch
+    variance unbiased (n / (n - 1)) in the running average and biased in the normalization."""
+    m, eps = 0.1, 1e-5
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(2.0, 3.0, (8, 3, 5, 5)).astype(np.float32) for _ in range(3)]
+    bn = jaxbn.BatchNorm(axis=1, momentum=1 - m, epsilon=eps, unbiased_running_var=True)
+    v = bn.init(jax.random.key(0), batches[0], False)
+    mean, var = np.zeros(3), np.ones(3)
+    for b in batches:
+        y, upd = bn.apply(v, b, False, mutable=["batch_stats"])
+        v = {"params": v["params"], **upd}
+        b64 = np.asarray(b, np.float64)
+        bm, bv = b64.mean((0, 2, 3)), b64.var((0, 2, 3))
+        n = b64.size // 3
+        expected_y = (b64 - bm[None, :, None, None]) / np.sqrt(bv[None, :, None, None] + eps)
+        np.testing.assert_allclose(y, expected_y, atol=2e-5)
+        mean = (1 - m) * mean + m * bm
+        var = (1 - m) * var + m * bv * n / (n - 1)
+    np.testing.assert_allclose(v["batch_stats"]["mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(v["batch_stats"]["var"], var, rtol=1e-5)
+    x = batches[0]
+    y_eval = bn.apply(v, x, True)
+    expected = (np.asarray(x, np.float64) - mean[None, :, None, None]) / np.sqrt(var[None, :, None, None] + eps)
+    np.testing.assert_allclose(y_eval, expected, atol=2e-5)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_keeps_float32_state(dtype):
     x = _data().astype(dtype)
