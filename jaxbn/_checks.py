@@ -78,7 +78,7 @@ def check_mask(mask: Any, shape: tuple[int, ...]) -> None:
         )
     mdtype = getattr(mask, "dtype", None)
     if mdtype is not None and not (mdtype == jnp.bool_ or jnp.issubdtype(mdtype, jnp.integer)):
-        raise TypeError(f"`mask` must be a boolean array (True = use), got dtype {mdtype}.")
+        raise TypeError(f"`mask` must be a boolean or integer array (True or nonzero = use), got dtype {mdtype}.")
 
 
 def check_epsilon(epsilon: Any) -> None:

@@ -28,7 +28,8 @@ def find_stale_batch_stats(variables: Mapping[str, Any]) -> list[str]:
         ``nnx.state(model, nnx.BatchStat)``).
 
     Returns:
-      The '/'-joined paths of the stale layers (empty when all were updated).
+      The '/'-joined paths of the stale layers (empty when all were updated;
+      ``"<top level>"`` for a BatchNorm applied as the model itself).
     """
     stats = variables.get("batch_stats", variables) if isinstance(variables, Mapping) else variables
     layers: dict[tuple[str, ...], dict[str, Any]] = {}
@@ -42,7 +43,7 @@ def find_stale_batch_stats(variables: Mapping[str, Any]) -> list[str]:
     for layer, entries in sorted(layers.items()):
         has_stats = "mean" in entries and "var" in entries
         if has_stats and np.all(np.asarray(entries["mean"]) == 0) and np.all(np.asarray(entries["var"]) == 1):
-            stale.append("/".join(layer))
+            stale.append("/".join(layer) or "<top level>")
     return stale
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
@@ -39,7 +40,10 @@ def _path(module: nn.Module) -> tuple[str, ...]:
 
 
 def _find_pairs(model: nn.Module, variables, args, kwargs):
-    """Runs the model once and records each BN whose input is exactly a Dense/Conv output."""
+    """Runs the model once and records each BN whose input is exactly a Dense/Conv output.
+
+    Returns the pairs and the model's output on the sample call.
+    """
     outputs: dict[int, tuple[nn.Module, Any]] = {}
     pairs: list[tuple[tuple[str, ...], tuple[str, ...], nn.Module, nn.Module, int, Any]] = []
 
@@ -57,8 +61,30 @@ def _find_pairs(model: nn.Module, variables, args, kwargs):
         return out
 
     with nn.intercept_methods(interceptor):
-        model.apply(variables, *args, **kwargs)
-    return pairs
+        result = model.apply(variables, *args, **kwargs)
+    return pairs, result
+
+
+def _check_same_output(reference, folded, names) -> None:
+    """Raises if the folded model's output on the sample call is not the original's (up to rounding)."""
+    ref_leaves, fold_leaves = jax.tree.leaves(reference), jax.tree.leaves(folded)
+    worst = 0.0
+    for r, f in zip(ref_leaves, fold_leaves):
+        r, f = np.asarray(r), np.asarray(f)
+        if not np.issubdtype(r.dtype, np.inexact) or r.size == 0:
+            continue
+        eps = float(np.finfo(r.dtype).eps) if np.issubdtype(r.dtype, np.floating) else 1e-7
+        tol = max(1e-3, 64 * eps) * (1 + float(np.max(np.abs(r.astype(np.float64)))))
+        diff = float(np.max(np.abs(r.astype(np.float64) - f.astype(np.float64))))
+        if not diff <= tol:
+            worst = max(worst, diff) if np.isfinite(diff) else float("inf")
+    if worst:
+        raise ValueError(
+            f"fold_batch_norm: the folded model's output differs from the original's by up to {worst:.3g} "
+            f"on the sample call. A folded Dense/Conv output must feed only its BatchNorm; here one of "
+            f"{', '.join(f'{lin} -> {bn}' for lin, bn in names)} also feeds something else "
+            f"(a residual branch, a second head). Fold such a model by hand or not at all."
+        )
 
 
 def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> FoldedModel:
@@ -73,7 +99,9 @@ def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any], *args: Any, 
     must select inference mode, e.g. ``train=False``): a BN (jaxbn's or
     flax's) is folded when its input is exactly the output of a ``nn.Dense`` or
     ``nn.Conv`` (feature axis last). The linear output must feed only that BN,
-    as in Conv → BN → activation stacks.
+    as in Conv → BN → activation stacks; the folded model is run once on the
+    sample call and must give the original's output (to rounding: at most
+    ``max(1e-3, 64 eps) * (1 + max|output|)``), otherwise nothing is returned.
 
     Args:
       model: the flax.linen model.
@@ -85,10 +113,11 @@ def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any], *args: Any, 
       equals ``model.apply(variables, *args, **kwargs)``.
 
     Raises:
-      ValueError: if no foldable pair is found, or a BN does not normalize the
-        last axis.
+      ValueError: if no foldable pair is found, a BN does not normalize the
+        last axis, or the folded model's output differs from the original's on
+        the sample call (a folded linear output that also feeds something else).
     """
-    pairs = _find_pairs(model, variables, args, kwargs)
+    pairs, reference = _find_pairs(model, variables, args, kwargs)
     if not pairs:
         raise ValueError("fold_batch_norm found no Dense/Conv directly followed by a BatchNorm.")
     params = traverse_util.flatten_dict(unfreeze(variables["params"]))
@@ -138,6 +167,9 @@ def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any], *args: Any, 
             return model.apply(folded_variables, *a, **kw)
 
     names = tuple(("/".join(lp), "/".join(bp)) for lp, bp, *_ in pairs)
+    # Whether the linear output also feeds anything else is not visible to the
+    # interceptor; the sample call shows it (the folded output would differ).
+    _check_same_output(reference, apply(out, *args, **kwargs), names)
     return FoldedModel(out, apply, names)
 
 

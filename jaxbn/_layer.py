@@ -8,6 +8,8 @@ and inference-mode normalization.
 
 from __future__ import annotations
 
+import inspect
+
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -232,11 +234,20 @@ def train(
 
 
 def call_adjustment(adjustment: Callable, shape: tuple[int, ...], rng: jax.Array | None):
-    """Calls a Keras-style adjustment(shape) or adjustment(shape, rng)."""
+    """Calls a tf.keras-style adjustment(shape) or adjustment(shape, rng), as its signature takes them.
+
+    The choice is made from the signature, not by catching a ``TypeError``, so
+    that a ``TypeError`` raised inside the user's function reaches the user.
+    """
     try:
+        sig = inspect.signature(adjustment)
+    except (TypeError, ValueError):  # no signature to read (some builtins): pass both
         return adjustment(shape, rng)
+    try:
+        sig.bind(shape, rng)
     except TypeError:
         return adjustment(shape)
+    return adjustment(shape, rng)
 
 
 class RunningState(NamedTuple):

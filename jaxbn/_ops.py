@@ -451,7 +451,7 @@ def batch_norm(
       epsilon: added to the variance; must be > 0.
       axis_name: mapped axis name(s) to pool statistics over.
       axis_index_groups: groups of device indices pooled separately.
-      mask: boolean array broadcastable to ``x``; True marks elements to use.
+      mask: boolean (or integer) array broadcastable to ``x``; True (nonzero) marks elements to use.
       fast_variance: use the one-pass ``E[x^2] - E[x]^2`` variance.
       stats_dtype: dtype of the statistics (default: at least float32).
 

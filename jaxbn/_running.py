@@ -33,7 +33,7 @@ def update_running_stats(
         k = count + 1;  new = old + (batch - old) / k
 
     ``count`` is the number of batches already folded in (``None`` counts as 0
-    in cumulative mode; in ema mode it is only carried along). With
+    in cumulative mode; in ema mode it is incremented too but does not enter the result). With
     ``unbiased=True`` the batch variance enters as ``n / (n - 1) * var``
     (PyTorch's ``running_var``; also the classic paper's population estimate
     ``E[var_B] * m / (m - 1)`` once averaged). A feature whose batch count is 0

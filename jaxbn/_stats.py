@@ -464,7 +464,7 @@ def moments(
       axis: the feature axis or axes (int or tuple; negative allowed).
       axis_name: mapped axis name(s) to pool statistics over.
       axis_index_groups: groups of device indices pooled separately (``pmap``).
-      mask: boolean array broadcastable to ``x``; True marks elements to use.
+      mask: boolean (or integer) array broadcastable to ``x``; True (nonzero) marks elements to use.
       fast_variance: use the one-pass ``E[x^2] - E[x]^2`` formula.
 
     Returns:

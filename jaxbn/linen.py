@@ -82,7 +82,7 @@ class BatchNorm(nn.Module):
     ``jax.jacfwd`` raise where flax's autodiff supports them (``jax.hessian``
     and gradients of gradients work). Validation is stricter: integer input,
     ``epsilon <= 0``, ``momentum`` outside [0, 1], an axis named twice and a
-    non-boolean ``mask`` raise errors naming the argument where flax casts or
+    floating-point ``mask`` raise errors naming the argument where flax casts or
     accepts them. Running statistics keep the dtype they were created with,
     where flax's first update may promote them (to float64 under x64, say).
 
@@ -119,7 +119,7 @@ class BatchNorm(nn.Module):
         sub-batches of this size, each normalized with its own statistics
         (scale, bias and running statistics shared; the running statistics get
         the average over sub-batches). Inference never splits the batch.
-      adjustment: Keras's adjustment: ``adjustment(shape[, rng]) -> (a, b)``,
+      adjustment: tf.keras 2's adjustment: ``adjustment(shape[, rng]) -> (a, b)``,
         applied as ``v * a + b`` to the normalized values before scale and bias,
         in training only. ``rng`` comes from the ``'adjustment'`` rng stream when
         one is given to ``apply``, else None.
@@ -165,7 +165,7 @@ class BatchNorm(nn.Module):
         Args:
           x: the input.
           use_running_average: overrides the attribute of the same name.
-          mask: boolean array broadcastable to ``x``; True marks the elements that
+          mask: boolean (or integer) array broadcastable to ``x``; True (nonzero) marks the elements that
             enter the batch statistics (training mode only).
 
         Returns:

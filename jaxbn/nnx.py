@@ -183,7 +183,7 @@ class BatchNorm(nnx.Module):
         sub-batches of this size, each normalized with its own statistics
         (scale, bias and running statistics shared; the running statistics get
         the average over sub-batches). Inference never splits the batch.
-      adjustment: Keras's adjustment: ``adjustment(shape[, rng]) -> (a, b)``,
+      adjustment: tf.keras 2's adjustment: ``adjustment(shape[, rng]) -> (a, b)``,
         applied as ``v * a + b`` to the normalized values before scale and bias,
         in training only. ``rng`` is drawn from the ``'adjustment'`` stream of
         ``rngs`` when it has one (forked into the ``rngs`` attribute), else None.
@@ -310,7 +310,7 @@ class BatchNorm(nnx.Module):
         Args:
           x: the input.
           use_running_average: overrides the attribute of the same name.
-          mask: boolean array broadcastable to ``x``; True marks the elements that
+          mask: boolean (or integer) array broadcastable to ``x``; True (nonzero) marks the elements that
             enter the batch statistics (training mode only).
 
         Returns:

@@ -225,3 +225,11 @@ def test_single_example_init_is_allowed_but_training_on_it_is_not():
     v = bn.init(jax.random.key(0), jnp.ones((1, 5)), False)  # common: init with one example
     with pytest.raises(ValueError, match="single element"):
         bn.apply(v, jnp.ones((1, 5)), False, mutable=["batch_stats"])
+
+
+def test_half_precision_params_keep_float32_running_statistics():
+    x = jax.random.normal(jax.random.key(0), (16, 3))
+    v = jaxbn.BatchNorm(param_dtype=jnp.bfloat16).init(jax.random.key(0), x, False)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(v["batch_stats"]))  # as flax
+    _, upd = jaxbn.BatchNorm(param_dtype=jnp.bfloat16).apply(v, x, False, mutable=["batch_stats"])
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(upd["batch_stats"]))

@@ -635,3 +635,42 @@ def test_layers_in_a_row_are_not_recomputed_more_than_flax(shape):
     ratio = {d: program_size(jaxbn.BatchNorm, d) / program_size(nn.BatchNorm, d) for d in (2, 4, 6)}
     assert ratio[4] <= 1.1, ratio
     assert ratio[6] <= ratio[2] + 0.05, ratio
+
+
+def test_backward_sums_exact_when_every_feature_is_offset():
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((8192, 8)) + 1e3).astype(np.float32)
+    w = rng.standard_normal((8192, 8)).astype(np.float32)
+
+    def loss(s):
+        y, mom = jaxbn.batch_norm(x, s)
+        return jnp.sum(y * w), mom
+
+    gs, mom = jax.jit(jax.grad(loss, has_aux=True))(jnp.ones(8))
+    # Reference centered on the float32 mean the kernel returned: no error of the data's own.
+    xd, wd = x.astype(np.float64), w.astype(np.float64)
+    inv = 1 / np.sqrt(np.asarray(mom.var, np.float64) + 1e-5)
+    ref = (wd * (xd - np.asarray(mom.mean, np.float64))).sum(0) * inv
+    assert np.max(np.abs(np.asarray(gs, np.float64) - ref)) / np.max(np.abs(ref)) < 1e-5
+
+
+def test_fast_variance_is_never_negative():
+    rng = np.random.default_rng(3)
+    x = (1e3 + 1e-3 * rng.standard_normal((4096, 8))).astype(np.float32)
+    for mask in (None, jnp.asarray(rng.random((4096, 1)) < 0.5)):
+        mom = jaxbn.moments(x, fast_variance=True, mask=mask)
+        assert bool(jnp.all(mom.var >= 0))
+    y, mom = jaxbn.batch_norm(x, fast_variance=True)
+    assert bool(jnp.all(mom.var >= 0)) and bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_integer_masks_are_read_as_nonzero_and_float_masks_refused():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((64, 4)).astype(np.float32)
+    keep = rng.random((64, 1)) < 0.6
+    ref = jaxbn.moments(x, mask=keep)
+    got = jaxbn.moments(x, mask=keep.astype(np.int32) * 3)
+    np.testing.assert_array_equal(got.mean, ref.mean)
+    np.testing.assert_array_equal(got.count, ref.count)
+    with pytest.raises(TypeError, match="`mask` must be a boolean or integer array"):
+        jaxbn.moments(x, mask=keep.astype(np.float32))

@@ -194,6 +194,21 @@ def test_fold_batch_norm_needs_a_pair():
         jaxbn.fold_batch_norm(NoPair(), v, x)
 
 
+def test_fold_batch_norm_refuses_a_linear_output_that_also_feeds_something_else():
+    class Residual(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            z = nn.Dense(3)(x)
+            return jaxbn.BatchNorm(use_running_average=True)(z) + z  # z also feeds the sum
+
+    x = jax.random.normal(jax.random.key(0), (8, 4))
+    model = Residual()
+    v = model.init(jax.random.key(1), x)
+    v = {"params": v["params"], "batch_stats": {"BatchNorm_0": {"mean": jnp.full(3, 2.0), "var": jnp.full(3, 4.0)}}}
+    with pytest.raises(ValueError, match="Dense_0 -> BatchNorm_0 also feeds something else"):
+        jaxbn.fold_batch_norm(model, v, x)
+
+
 def test_stale_statistics_check():
     model = InputNormMLP()
     batches = _batches()
@@ -248,3 +263,11 @@ def test_weight_decay_mask_spares_bn_and_biases():
         updates, _ = tx.update(zeros, tx.init(params), params)
     assert bool(jnp.all(updates["BatchNorm_0"]["scale"] == 0))
     assert bool(jnp.any(updates["Conv_0"]["kernel"] != 0))
+
+
+def test_stale_top_level_batch_norm_is_named():
+    x = jnp.ones((4, 3))
+    v = jaxbn.BatchNorm().init(jax.random.key(0), x, False)
+    assert jaxbn.find_stale_batch_stats(v) == ["<top level>"]
+    _, upd = jaxbn.BatchNorm().apply(v, x * jnp.arange(4.0)[:, None], False, mutable=["batch_stats"])
+    assert jaxbn.find_stale_batch_stats(upd) == []

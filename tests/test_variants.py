@@ -124,6 +124,21 @@ def test_ghost_batch_size_must_divide_the_batch():
         bn.apply(v, x, False, mutable=["batch_stats"])
 
 
+def test_ghost_batches_with_a_mask_weight_each_ghost_by_its_count():
+    """Running statistics average the ghosts weighted by their unmasked counts, not equally."""
+    x = jnp.asarray(np.random.default_rng(6).normal(3, 2, (8, 3)), jnp.float32)
+    keep = np.array([1, 0, 0, 0, 1, 1, 1, 1], bool)[:, None]  # ghost 0 keeps 1 row, ghost 1 all 4
+    bn = jaxbn.BatchNorm(virtual_batch_size=4, momentum=0.0)
+    v = bn.init(jax.random.key(0), x, False)
+    _, upd = bn.apply(v, x, False, mask=jnp.asarray(keep), mutable=["batch_stats"])
+    xd = np.asarray(x, np.float64)
+    g0, g1 = xd[:1], xd[4:]
+    want_mean = (1 * g0.mean(0) + 4 * g1.mean(0)) / 5
+    want_var = (1 * g0.var(0) + 4 * g1.var(0)) / 5
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], want_mean, rtol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], want_var, rtol=1e-5)
+
+
 def test_ghost_batches_unbiased_running_var_unbiases_each_ghost():
     """n/(n-1) applies to each ghost's own n, not to the whole batch's."""
     x = jnp.asarray(np.random.default_rng(5).normal(0, 2, (12, 3, 2)), jnp.float32)
@@ -192,6 +207,22 @@ def test_adjustment_receives_an_rng_stream():
     y1, _ = bn.apply(v, x, False, mutable=["batch_stats"], rngs={"adjustment": jax.random.key(2)})
     y2, _ = bn.apply(v, x, False, mutable=["batch_stats"], rngs={"adjustment": jax.random.key(3)})
     assert not np.allclose(y1, y2)
+
+
+def test_adjustment_errors_reach_the_user():
+    """A TypeError inside a two-argument adjustment is the user's, not a cue to retry with one argument."""
+
+    def adjustment(shape, rng):
+        raise TypeError("my adjustment failed")
+
+    bn = jaxbn.BatchNorm(adjustment=adjustment)
+    x = jnp.asarray(_batches(1)[0])
+    with pytest.raises(TypeError, match="my adjustment failed"):
+        bn.init(jax.random.key(0), x, False)
+    one_arg = jaxbn.BatchNorm(adjustment=lambda shape: (jnp.ones(shape[-1:]), jnp.zeros(shape[-1:])))
+    v = one_arg.init(jax.random.key(0), x, False)
+    y, _ = one_arg.apply(v, x, False, mutable=["batch_stats"])
+    assert np.all(np.isfinite(y))
 
 
 def test_frozen_layer_never_updates_and_passes_gradients():
