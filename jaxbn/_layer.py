@@ -9,7 +9,6 @@ and inference-mode normalization.
 from __future__ import annotations
 
 import inspect
-
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
