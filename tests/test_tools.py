@@ -84,6 +84,30 @@ def test_recompute_batch_stats_sets_the_cumulative_count():
                                    rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["pooled", "average"])
+def test_recompute_batch_stats_counts_only_batches_a_feature_was_seen_in(method):
+    """A batch whose mask hides a feature entirely adds nothing to that feature, its count included."""
+
+    class Masked(nn.Module):
+        @nn.compact
+        def __call__(self, xm, train: bool):
+            x, mask = xm
+            return jaxbn.BatchNorm(use_running_average=not train, running_average="cumulative")(x, mask=mask)
+
+    batches = _batches(3)
+    hide0 = np.ones((16, 3), bool)
+    hide0[:, 0] = False
+    masks = [np.ones((16, 3), bool), hide0, np.ones((16, 3), bool)]
+    model = Masked()
+    v = model.init(jax.random.key(0), (batches[0], masks[0]), train=False)
+    out = jaxbn.recompute_batch_stats(model.apply, v, list(zip(batches, masks)), method=method, train=True)
+    stats = out["batch_stats"]["BatchNorm_0"]
+    np.testing.assert_array_equal(stats["count"], [2, 3, 3])
+    seen0 = np.concatenate([np.asarray(batches[i], np.float64)[:, 0] for i in (0, 2)])
+    want0 = seen0.mean() if method == "pooled" else np.mean([np.asarray(batches[i])[:, 0].mean() for i in (0, 2)])
+    np.testing.assert_allclose(stats["mean"][0], want0, rtol=1e-5)
+
+
 def test_recompute_batch_stats_errors():
     model = InputNormMLP()
     b = _batches(1)
