@@ -849,13 +849,7 @@ def test_two_processes_match_one_process_with_8_devices(tmp_path):
 
 
 def test_each_epoch_draws_its_own_shuffle():
-    root = Path(__file__).resolve().parents[1]
-    config = config_base.load_config_file(str(root / "configs" / "mlp_bn.py"))
-    for k, val in {"dataset": "synthetic", "num_train_examples": 320, "num_test_examples": 64,
-                   "batch_size": 32, "num_epochs": 2, "steps_per_dispatch": 2, "eval_batch_size": 64,
-                   "progress_bar": False}.items():
-        config[k] = val
-    run, _ = loop.prepare(config, verbose=False)
+    run, _ = loop.prepare(load("mlp_bn", num_epochs=2), verbose=False)
     p1, p1_again, p2 = (np.asarray(run.programs.permutation(np.int32(e))) for e in (1, 1, 2))
     n = p1.size
     np.testing.assert_array_equal(np.sort(p1), np.arange(n))
