@@ -91,7 +91,7 @@ class View(NamedTuple):
     took 50 ms against flax's 15 ms). Narrow inputs paid that in such chains
     (4 layers of (64, 24, 24, 6): 1.2-1.4x flax's time) until their
     statistics became one blocked reduce per pair of sums
-    (:func:`paired_sums`): 0.84-0.94x then, 1.02-1.13x in the full runs of
+    (:func:`paired_sums`): 0.84-0.94x then, 0.89-1.13x in the full runs of
     2026-11-29 and 2026-12-03, where XLA still recomputes the earlier layers
     inside the reductions' kernels (BENCHMARKS.md).
     With a convolution or a dense layer between BNs, as in LeNet and ResNets,
