@@ -88,9 +88,11 @@ def recompute_batch_stats(
     the spread between ghost means is not part of it, and ``"average"``'s
     ``m / (m - 1)`` then uses the whole batch's m. Layers that did not run in
     training mode (e.g. ``frozen=True``) keep their statistics. Parameters are
-    never changed. Layers with ``running_average="cumulative"`` also get their
-    ``count`` set to the number of batches (calls) recorded, so that training
-    on continues the average as if those batches had been its first ones.
+    never changed. Layers with a ``count`` (``running_average="cumulative"`` or
+    ``"debiased"``) also get it set to the number of batches (calls) recorded,
+    so that training on continues the average as if those batches had been its
+    first ones (in the debiased mode: as if they had gathered the weight
+    ``1 - momentum**count``).
 
     Args:
       apply_fn: ``model.apply`` or any function called as
@@ -139,7 +141,7 @@ def recompute_batch_stats(
     for layer, stats in acc.items():
         mean, var, k = stats.result()
         new = {"mean": mean, "var": var}
-        if layer + ("count",) in stats_tree:  # the cumulative mode's number of batches
+        if layer + ("count",) in stats_tree:  # the cumulative and debiased modes' number of batches
             new["count"] = np.broadcast_to(k, np.shape(stats_tree[layer + ("count",)]))
         for name, value in new.items():
             old = stats_tree[layer + (name,)]

@@ -1,4 +1,4 @@
-"""Running-statistic updates: exponential moving average and cumulative average."""
+"""Running-statistic updates: exponential moving average (plain or zero-debiased) and cumulative average."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ import jax.numpy as jnp
 from jaxbn import _checks
 from jaxbn._stats import Moments
 
-_MODES = ("ema", "cumulative")
+#: Modes of :func:`update_running_stats`; the layers' ``running_average`` takes the same values.
+MODES = ("ema", "debiased", "cumulative")
+
+#: The modes that keep a per-feature count of the batches folded in.
+COUNTED_MODES = ("debiased", "cumulative")
 
 
 def update_running_stats(
@@ -27,13 +31,24 @@ def update_running_stats(
 
         new = momentum * old + (1 - momentum) * batch
 
+    ``mode="debiased"`` is the zero-debiased ema (Haiku's and TensorFlow's
+    ``zero_debias``): the ema of the batches as if started from zero, divided
+    by the weight ``1 - momentum**k`` it has gathered after ``k`` batches.
+    It is the weighted average of the batches so far, weights
+    ``momentum**(k - i)``, so the first batch replaces the initial values and
+    early running statistics carry no pull towards mean 0 and variance 1::
+
+        k = count + 1;  w = (1 - momentum) / (1 - momentum**k);  new = (1 - w) * old + w * batch
+
+    (with ``momentum=1``, the limit ``1 / k``: the cumulative average).
+
     ``mode="cumulative"`` is the exact average over all batches so far
     (PyTorch's ``momentum=None``)::
 
-        k = count + 1;  new = old + (batch - old) / k
+        k = count + 1;  new = (1 - 1/k) * old + batch / k
 
     ``count`` is the number of batches already folded in (``None`` counts as 0
-    in cumulative mode; in ema mode it is incremented too but does not enter the result). With
+    in the debiased and cumulative modes; in ema mode it is incremented too but does not enter the result). With
     ``unbiased=True`` the batch variance enters as ``n / (n - 1) * var``
     (PyTorch's ``running_var``; also the classic paper's population estimate
     ``E[var_B] * m / (m - 1)`` once averaged). A feature whose batch count is 0
@@ -43,15 +58,15 @@ def update_running_stats(
       mean, var: running statistics (feature shape).
       batch: this batch's :class:`jaxbn.Moments`.
       momentum: ema decay in [0, 1].
-      mode: ``"ema"`` or ``"cumulative"``.
+      mode: ``"ema"``, ``"debiased"`` or ``"cumulative"``.
       unbiased: store the unbiased batch variance.
       count: batches seen so far (scalar or feature shape), or None.
 
     Returns:
       ``(mean, var, count)``; count is ``None`` when it was ``None`` in ema mode.
     """
-    if mode not in _MODES:
-        raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}.")
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
     _checks.check_momentum(momentum)
     n = batch.count
     bvar = batch.var
@@ -70,14 +85,23 @@ def update_running_stats(
         new_mean = momentum * mean + (1 - momentum) * bmean
         new_var = momentum * var + (1 - momentum) * bvar
     else:
-        prev = jnp.zeros((), n.dtype) if count is None else jnp.asarray(count).astype(n.dtype)
-        w = 1 / (prev + 1)
-        new_mean = mean + w.astype(bmean.dtype) * (bmean - mean)
-        new_var = var + w.astype(bvar.dtype) * (bvar - var)
+        k = (jnp.zeros((), n.dtype) if count is None else jnp.asarray(count).astype(n.dtype)) + 1
+        w = 1 / k
+        if mode == "debiased":
+            # (1 - m) / (1 - m**k) as expm1(log m) / expm1(k log m): accurate for m
+            # near 1, and exactly 1 for the first batch; m = 0 gives 1 (log 0 = -inf);
+            # m = 1 takes the limit 1 / k. (momentum may be traced: no Python branch.)
+            m = jnp.asarray(momentum, n.dtype)
+            log_m = jnp.log(m)
+            w = jnp.where(m == 1, w, jnp.expm1(log_m) / jnp.expm1(k * log_m))
+        # (1 - w) * old + w * batch: the first batch (w = 1) replaces the initial values exactly.
+        wm, wv = w.astype(bmean.dtype), w.astype(bvar.dtype)
+        new_mean = (1 - wm) * mean + wm * bmean
+        new_var = (1 - wv) * var + wv * bvar
     new_mean = jnp.where(seen, new_mean, mean)
     new_var = jnp.where(seen, new_var, var)
     new_count = count
-    if count is not None or mode == "cumulative":
+    if count is not None or mode in COUNTED_MODES:
         base = jnp.zeros((), jnp.int32) if count is None else jnp.asarray(count)
         new_count = jnp.where(seen, base + 1, base).astype(base.dtype)
     return new_mean, new_var, new_count

@@ -14,6 +14,7 @@ from flax.linen import module as flax_module
 from jax.nn import initializers
 
 from jaxbn import _checks, _layer
+from jaxbn._running import COUNTED_MODES, MODES
 
 #: Collection into which training-mode calls record their batch Moments while
 #: :func:`recording_moments` is active (as :func:`jaxbn.recompute_batch_stats`
@@ -101,9 +102,12 @@ class BatchNorm(nn.Module):
       axis_index_groups: groups of device indices pooled separately.
       use_fast_variance: one-pass variance (faster on some backends, unstable).
       force_float32_reductions: accumulate statistics in at least float32.
-      running_average: ``"ema"`` (default) or ``"cumulative"`` (exact average of
-        all batches so far, PyTorch's ``momentum=None``; adds
-        ``batch_stats/count``).
+      running_average: ``"ema"`` (default), ``"debiased"`` (the zero-debiased
+        ema, Haiku's: the first batch replaces the initial values, later ones
+        are averaged with weights ``momentum**age``; adds ``batch_stats/count``)
+        or ``"cumulative"`` (exact average of all batches so far, PyTorch's
+        ``momentum=None``; adds ``batch_stats/count``). See
+        :func:`jaxbn.update_running_stats`.
       unbiased_running_var: store ``n / (n - 1)`` times the batch variance in the
         running variance (PyTorch's convention; with ``virtual_batch_size``,
         each ghost batch's variance with its own n).
@@ -174,10 +178,8 @@ class BatchNorm(nn.Module):
         use_running_average = flax_module.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
-        if self.running_average not in ("ema", "cumulative"):
-            raise ValueError(
-                f"`running_average` must be 'ema' or 'cumulative', got {self.running_average!r}."
-            )
+        if self.running_average not in MODES:
+            raise ValueError(f"`running_average` must be one of {MODES}, got {self.running_average!r}.")
         if self.renorm:
             _checks.check_momentum(self.renorm_momentum, name="renorm_momentum")
             _layer.renorm_clip(self.renorm_clipping)
@@ -196,7 +198,7 @@ class BatchNorm(nn.Module):
             return self.variable("batch_stats", name, lambda s: jnp.full(s, fill, dtype), lay.fshape)
 
         ra_mean, ra_var = stat("mean", 0), stat("var", 1)
-        ra_count = stat("count", 0, jnp.int32) if self.running_average == "cumulative" else None
+        ra_count = stat("count", 0, jnp.int32) if self.running_average in COUNTED_MODES else None
         rn_mean, rn_std = (stat("renorm_mean", 0), stat("renorm_std", 1)) if self.renorm else (None, None)
 
         scale = bias = None

@@ -14,6 +14,7 @@ from flax.nnx.module import first_from
 from jax.nn import initializers
 
 from jaxbn import _checks, _layer
+from jaxbn._running import COUNTED_MODES, MODES
 
 _STATS_DTYPE = jnp.float32  # as flax.nnx.BatchNorm: running statistics are float32
 
@@ -165,9 +166,12 @@ class BatchNorm(nnx.Module):
       use_fast_variance: one-pass variance (faster on some backends, unstable).
       promote_dtype: optional ``fn((x, mean, var, scale, bias), dtype=dtype)``
         applied to the input and variables before use, as in nnx.
-      running_average: ``"ema"`` (default) or ``"cumulative"`` (exact average of
-        all batches so far, PyTorch's ``momentum=None``; adds the ``count``
-        BatchStat, int32).
+      running_average: ``"ema"`` (default), ``"debiased"`` (the zero-debiased
+        ema, Haiku's: the first batch replaces the initial values, later ones
+        are averaged with weights ``momentum**age``) or ``"cumulative"`` (exact
+        average of all batches so far, PyTorch's ``momentum=None``); the last
+        two add the ``count`` BatchStat, int32. See
+        :func:`jaxbn.update_running_stats`.
       unbiased_running_var: store ``n / (n - 1)`` times the batch variance in the
         running variance (PyTorch's convention; with ``virtual_batch_size``,
         each ghost batch's variance with its own n).
@@ -238,8 +242,8 @@ class BatchNorm(nnx.Module):
             axis = checked_axis
         _checks.check_momentum(momentum)
         _checks.check_epsilon(epsilon)
-        if running_average not in ("ema", "cumulative"):
-            raise ValueError(f"`running_average` must be 'ema' or 'cumulative', got {running_average!r}.")
+        if running_average not in MODES:
+            raise ValueError(f"`running_average` must be one of {MODES}, got {running_average!r}.")
         if renorm:
             _checks.check_momentum(renorm_momentum, name="renorm_momentum")
         if renorm_clipping is not None:
@@ -257,7 +261,7 @@ class BatchNorm(nnx.Module):
 
         self.mean = stat(0)
         self.var = stat(1)
-        self.count = stat(0, jnp.int32) if running_average == "cumulative" else nnx.data(None)
+        self.count = stat(0, jnp.int32) if running_average in COUNTED_MODES else nnx.data(None)
         self.renorm_mean = stat(0) if renorm else nnx.data(None)
         self.renorm_std = stat(1) if renorm else nnx.data(None)
 

@@ -133,6 +133,29 @@ def test_extra_options_add_variables_only_when_enabled():
     np.testing.assert_array_equal(v["batch_stats"]["count"], 3)
 
 
+def test_debiased_running_average_evaluates_well_from_the_first_steps():
+    """running_average="debiased" adds a count and keeps the zero-debiased ema: after one
+    training step the running statistics are that batch's (flax's ema would still hold 99%
+    of the initial 0 and 1), so evaluating early normalizes like training did."""
+    x = _data() * 4 + 10
+    bn = jaxbn.BatchNorm(running_average="debiased")
+    v = bn.init(jax.random.key(0), x, False)
+    assert set(v["batch_stats"]) == {"mean", "var", "count"}
+    y_train, upd = bn.apply(v, x, False, mutable=["batch_stats"])
+    v = {"params": v["params"], **upd}
+    np.testing.assert_array_equal(v["batch_stats"]["count"], 1)
+    mom = jaxbn.moments(x, axis=-1)
+    np.testing.assert_allclose(v["batch_stats"]["mean"], mom.mean, rtol=1e-6)
+    np.testing.assert_allclose(v["batch_stats"]["var"], mom.var, rtol=1e-6)
+    np.testing.assert_allclose(bn.apply(v, x, True), y_train, rtol=1e-5, atol=1e-5)
+    # A second batch: weights 0.99 and 1 (momentum 0.99) over their sum.
+    x2 = x * 0.5 - 3
+    _, upd = bn.apply(v, x2, False, mutable=["batch_stats"])
+    m2 = jaxbn.moments(x2, axis=-1)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], (0.99 * mom.mean + m2.mean) / 1.99, rtol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], (0.99 * mom.var + m2.var) / 1.99, rtol=1e-5)
+
+
 def test_pytorch_batchnorm2d_settings_reproduce_its_running_stats_and_outputs():
     """README "Coming from other libraries": torch's BatchNorm2d(C, momentum=0.1) on NCHW data
     is jaxbn.BatchNorm(axis=1, momentum=0.9, unbiased_running_var=True). The reference is

@@ -136,6 +136,7 @@ MASK = (jnp.arange(8) < 6)[:, None, None, None]
 OPTIONS = {
     "ema": {},
     "cumulative_unbiased": {"running_average": "cumulative", "unbiased_running_var": True},
+    "debiased": {"running_average": "debiased", "momentum": 0.8},
     "renorm": {"renorm": True, "renorm_clipping": {"rmax": 1.3, "rmin": 0.8, "dmax": 0.4}, "renorm_momentum": 0.8},
     "ghost": {"virtual_batch_size": 4},
     "mask": {},

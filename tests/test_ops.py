@@ -549,6 +549,42 @@ def test_update_running_stats_modes():
     np.testing.assert_array_equal(ccount, 4)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9, 0.999, 1.0])
+def test_debiased_running_stats_are_the_zero_debiased_ema(momentum):
+    """mode="debiased" is Haiku's zero-debiased ema: hidden = m * hidden + (1 - m) * batch from
+    hidden = 0, divided by 1 - m**t (float64 reference); the first batch replaces the initial
+    values exactly, m = 1 gives the cumulative average (the limit), and a feature hidden by the
+    mask in one batch is averaged over the batches it was seen in only."""
+    rng = np.random.default_rng(11)
+    batches = [rng.normal(3 * i, 1 + i, (12, 3)).astype(np.float32) for i in range(6)]
+    masks = [np.ones((12, 3), bool) for _ in batches]
+    masks[1][:, 2] = False  # feature 2 not seen in the second batch
+    mean, var, count = jnp.full(3, 7.0), jnp.full(3, 5.0), None
+    hidden_m, hidden_v, t = np.zeros(3), np.zeros(3), np.zeros(3)
+    seen_m, seen_v = [], []
+    for i, (b, mk) in enumerate(zip(batches, masks)):
+        mom = jaxbn.moments(b, mask=mk)
+        mean, var, count = jaxbn.update_running_stats(mean, var, mom, momentum=momentum, mode="debiased", count=count)
+        if i == 0:
+            np.testing.assert_array_equal(mean, mom.mean)
+            np.testing.assert_array_equal(var, mom.var)
+        bm = np.asarray(mom.mean, np.float64)
+        bv = np.asarray(mom.var, np.float64)
+        seen = np.asarray(mom.count) > 0
+        hidden_m = np.where(seen, momentum * hidden_m + (1 - momentum) * bm, hidden_m)
+        hidden_v = np.where(seen, momentum * hidden_v + (1 - momentum) * bv, hidden_v)
+        t = t + seen
+        seen_m.append(np.where(seen, bm, np.nan))
+        seen_v.append(np.where(seen, bv, np.nan))
+    if momentum == 1.0:
+        ref_m, ref_v = np.nanmean(seen_m, 0), np.nanmean(seen_v, 0)
+    else:
+        ref_m, ref_v = hidden_m / (1 - momentum**t), hidden_v / (1 - momentum**t)
+    np.testing.assert_array_equal(count, [6, 6, 5])
+    np.testing.assert_allclose(mean, ref_m, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(var, ref_v, rtol=2e-6)
+
+
 def test_complex_input_matches_flax_semantics():
     with jax.numpy_dtype_promotion("standard"):
         x = jax.random.normal(jax.random.key(0), (16, 3)) + 1j * jax.random.normal(jax.random.key(1), (16, 3))
