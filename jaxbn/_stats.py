@@ -14,6 +14,15 @@ The merge needs every device's triple, gathered with a single ``psum`` (each
 device writes its triple into its own slot of a zero buffer). That is one
 collective per call whatever the axis names or groups, and it works under
 ``pmap``, ``vmap`` (nested, tuple names), ``shard_map`` alike.
+
+Where ``|mean| >> std`` the term ``mean_d - mean`` is the difference of two
+nearly equal numbers, and a mean rounded to its dtype (an error of up to
+``ulp(|mean|) / 2``) would spoil it. Each device therefore sends its mean as
+two parts, the shift ``c_d`` its sums were centered on and the small
+correction ``mean_d - c_d``, and the merge takes the differences relative to
+one device's shift: ``c_d - c_ref`` is exact in floating point when the two
+are within a factor 2 of each other (Sterbenz), which they are when
+``|mean| >> std``.
 """
 
 from __future__ import annotations
@@ -283,7 +292,11 @@ def _plain_sums(xv, v: View):
 
 
 def _centered_sums(xv, v: View, c):
-    """Per-feature ``(mean, M2)`` from the sums of ``x - c``, ``c`` one value per feature.
+    """Per-feature ``(c, mean - c, M2)`` from the sums of ``x - c``, ``c`` one value per feature.
+
+    The mean is returned in two parts (the shift and the small correction), so
+    that a cross-device merge can difference means without their rounding (see
+    the module docstring).
 
     Every column of a feature is centered on the same ``c`` and the sums are
     folded before the statistics are formed, so nothing is rounded to a
@@ -297,11 +310,11 @@ def _centered_sums(xv, v: View, c):
     r, q = paired_sums(xv - cb, abs_sq(xv + (-cb)), v.red)
     r, q = v.fold_sum(r), v.fold_sum(q)
     n = v.count
-    return c + r / n, jnp.maximum(q - abs_sq(r) / n, 0)
+    return c, r / n, jnp.maximum(q - abs_sq(r) / n, 0)
 
 
 def _shifted_moments(xv, *, v: View):
-    """``(mean, M2)`` from data shifted by a first element K of each feature.
+    """``(K, mean - K, M2)`` from data shifted by a first element K of each feature.
 
     ``sum(x-K)`` and ``sum(|x-K|^2)`` each need one read of x and the
     cancellation error is ``eps * |K-mean|^2 / var`` instead of
@@ -313,7 +326,7 @@ def _shifted_moments(xv, *, v: View):
 
 
 def _checked_moments(xv, *, v: View):
-    """``(mean, M2)`` from the plain sums, redone in two passes only where they would lose accuracy.
+    """``(mean, 0, M2)`` from the plain sums, redone in two passes only where they would lose accuracy.
 
     XLA:CPU reduces ``x`` at full memory speed but ``x - K`` (any broadcast
     operand) at half of it, so on CPU the shifted sums cost twice the plain
@@ -322,12 +335,13 @@ def _checked_moments(xv, *, v: View):
     at most ``1 + WELL_CONDITIONED`` times); otherwise (a large offset, constant
     data, a NaN) a ``lax.cond`` computes ``sum(x - mean)`` and
     ``sum(|x - mean|^2)`` from the one-pass mean, which is exact to the
-    rounding of the data. The branch not taken costs nothing at run time.
+    rounding of the data (returned as ``(c, mean - c, M2)``, ``c`` the one-pass
+    mean). The branch not taken costs nothing at run time.
     """
     mean, m2, s2 = _plain_sums(xv, v)
     ok = jnp.all(s2 <= (1 + WELL_CONDITIONED) * m2)
-    return lax.cond(ok, lambda mean, m2: (mean, m2), lambda mean, m2: _centered_sums(xv, v, mean),
-                    mean, m2)
+    return lax.cond(ok, lambda mean, m2: (mean, jnp.zeros_like(mean), m2),
+                    lambda mean, m2: _centered_sums(xv, v, mean), mean, m2)
 
 
 def local_moments(
@@ -337,8 +351,13 @@ def local_moments(
     mask: jax.Array | None,
     fast_variance: bool,
     dtype: Any,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Returns this device's ``(count, mean, M2)``, reduced over ``red``, in ``dtype``.
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Returns this device's ``(count, c, mean - c, M2)``, reduced over ``red``, in ``dtype``.
+
+    The mean comes in two parts: ``c``, the value the sums were centered on
+    (the mean itself where they were not), and the small correction
+    ``mean - c``, unrounded to ``c``'s magnitude (see :func:`merge_moments`);
+    the mean is ``c + (mean - c)``.
 
     Without a mask the default reads x once per sum and stays exact whatever
     the offset of the data: on CPU the plain sums, checked and redone centered
@@ -354,7 +373,7 @@ def local_moments(
     fshape = tuple(d for i, d in enumerate(x.shape) if i not in red)
     if static_shape(x.shape) and math.prod(x.shape[i] for i in red) == 0:
         zeros = jnp.zeros(fshape, rdtype)
-        return zeros, jnp.zeros(fshape, dtype), zeros
+        return zeros, jnp.zeros(fshape, dtype), jnp.zeros(fshape, dtype), zeros
     v = view(x, red)
     xv = v.of(x).astype(dtype)
     size = v.column_size
@@ -362,18 +381,19 @@ def local_moments(
     if mask is None and not fast_variance and _sharded(x, red):
         # jax 0.10 explicit meshes cannot slice a sharded axis (no shift): two
         # passes (such arrays keep their shape: one column per feature).
+        # Their reductions are global (jit), so there is no merge to feed a correction.
         mean = jnp.sum(xv, axis=v.red) / size
         m2 = jnp.sum(abs_sq(xv - jnp.expand_dims(mean, v.red)), axis=v.red)
-        return jnp.full(fshape, size, rdtype), mean, m2
+        return jnp.full(fshape, size, rdtype), mean, jnp.zeros_like(mean), m2
 
     if mask is None:
         n = jnp.full(fshape, v.count, rdtype)
         if fast_variance:
             mean, m2, _ = _plain_sums(xv, v)
-        else:
-            mean, m2 = lax.platform_dependent(
-                xv, cpu=partial(_checked_moments, v=v), default=partial(_shifted_moments, v=v))
-        return n, mean, m2
+            return n, mean, jnp.zeros_like(mean), m2
+        c, d, m2 = lax.platform_dependent(
+            xv, cpu=partial(_checked_moments, v=v), default=partial(_shifted_moments, v=v))
+        return n, c, d, m2
 
     # The mean first (two passes), so that no masked value can act as a shift;
     # every column of a feature is centered on that feature's mean.
@@ -384,36 +404,57 @@ def local_moments(
     mean = v.fold_sum(jnp.sum(xs, axis=v.red)) * inv_n
     if fast_variance:
         s2 = v.fold_sum(jnp.sum(abs_sq(xs), axis=v.red))
-        return n, mean, jnp.maximum(s2 - n * abs_sq(mean), 0)
+        return n, mean, jnp.zeros_like(mean), jnp.maximum(s2 - n * abs_sq(mean), 0)
     c = v.bcast(mean)
     r, q = paired_sums(jnp.where(valid, xv - c, 0), abs_sq(jnp.where(valid, xv + (-c), 0)), v.red)
     r, q = v.fold_sum(r), v.fold_sum(q)
-    return n, mean + r * inv_n, jnp.maximum(q - abs_sq(r) * inv_n, 0)
+    return n, mean, r * inv_n, jnp.maximum(q - abs_sq(r) * inv_n, 0)
 
 
 def merge_moments(
     n: jax.Array,
-    mean: jax.Array,
+    c: jax.Array,
+    d: jax.Array,
     m2: jax.Array,
     axis_name: Any,
     axis_index_groups: Any = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Pools per-device ``(count, mean, M2)`` over ``axis_name`` in one ``psum``."""
-    complex_mean = jnp.iscomplexobj(mean)
-    parts = [n, lax.real(mean), lax.imag(mean), m2] if complex_mean else [n, mean, m2]
+    """Pools per-device ``(count, c + d, M2)`` over ``axis_name`` in one ``psum``; returns ``(count, mean, M2)``.
+
+    Each device's mean arrives as ``c + d`` (:func:`local_moments`). The
+    devices' means are differenced relative to a reference shift ``c_ref``
+    (that of the device with the largest count): ``e_d = (c_d - c_ref) + d_d``,
+    where ``c_d - c_ref`` is exact when the shifts are within a factor 2 of
+    each other, as they are where ``|mean| >> std``. Then, with ``N = sum n_d``
+    and ``e = sum n_d e_d / N``: ``mean = c_ref + e`` and
+    ``M2 = sum M2_d + sum n_d |e_d - e|^2``.
+    """
+    complex_mean = jnp.iscomplexobj(c) or jnp.iscomplexobj(d)
+    if complex_mean:
+        c, d = c.astype(jnp.result_type(c, d)), d.astype(jnp.result_type(c, d))
+        parts = [n, lax.real(c), lax.imag(c), lax.real(d), lax.imag(d), m2]
+    else:
+        parts = [n, c, d, m2]
     pack = jnp.stack(parts)
     size = lax.axis_size(axis_name)
     slots = jnp.zeros((size,) + pack.shape, pack.dtype)
     slots = lax.dynamic_update_index_in_dim(slots, pack, lax.axis_index(axis_name), 0)
     allp = lax.psum(slots, axis_name, axis_index_groups=axis_index_groups)
     ns = allp[:, 0]
-    means = lax.complex(allp[:, 1], allp[:, 2]) if complex_mean else allp[:, 1]
+    if complex_mean:
+        cs, ds = lax.complex(allp[:, 1], allp[:, 2]), lax.complex(allp[:, 3], allp[:, 4])
+    else:
+        cs, ds = allp[:, 1], allp[:, 2]
     m2s = allp[:, -1]
+    # Under axis_index_groups every slot outside this device's group is zero
+    # (count 0); the reference is a device of the group with the largest count.
+    ref = jnp.take_along_axis(cs, jnp.argmax(ns, axis=0)[None], axis=0)[0]
+    es = (cs - ref) + ds
     total = jnp.sum(ns, axis=0)
     inv = inverse_count(total)
-    pooled_mean = jnp.sum(ns * means, axis=0) * inv
-    pooled_m2 = jnp.sum(m2s, axis=0) + jnp.sum(ns * abs_sq(means - pooled_mean), axis=0)
-    return total, pooled_mean, pooled_m2
+    e = jnp.sum(ns * es, axis=0) * inv
+    pooled_m2 = jnp.sum(m2s, axis=0) + jnp.sum(ns * abs_sq(es - e), axis=0)
+    return total, ref + e, pooled_m2
 
 
 def compute_moments(
@@ -428,9 +469,11 @@ def compute_moments(
 ) -> Moments:
     """Kernel behind :func:`moments` (arguments already validated)."""
     dtype = _checks.stats_dtype(x.dtype) if dtype is None else dtype
-    n, mean, m2 = local_moments(x, red, mask=mask, fast_variance=fast_variance, dtype=dtype)
-    if axis_name is not None:
-        n, mean, m2 = merge_moments(n, mean, m2, axis_name, axis_index_groups)
+    n, c, d, m2 = local_moments(x, red, mask=mask, fast_variance=fast_variance, dtype=dtype)
+    if axis_name is None:
+        mean = c + d
+    else:
+        n, mean, m2 = merge_moments(n, c, d, m2, axis_name, axis_index_groups)
     inv = inverse_count(n)
     return Moments(mean, m2 * inv, n)
 

@@ -265,6 +265,29 @@ def test_moments_synced_equal_global(mapper, loc, fast_variance):
     _close(ref.var, x64.var(axis=(0, 1, 2)), "global var", rtol=1e-4 if loc else 1e-5)
 
 
+@pytest.mark.parametrize("mapper", MAPPERS)
+@pytest.mark.parametrize("masked", [False, True], ids=["full", "unequal-counts"])
+def test_synced_variance_stays_accurate_at_a_large_offset(mapper, masked):
+    """|mean| = 1e4 std: the merged variance is as accurate as a single device's.
+
+    Each device's mean is rounded to float32 (an error of up to 5e-4 at 1e4);
+    merged naively, the between-device term sum n_d (mean_d - mean)^2 took it in,
+    and the variance of 2 rows per device was off by 6e-4 (relative)."""
+    shape = (2, 5)
+    x = _normal(3, (D,) + shape, 1e4)
+    counts = [2, 1, 2, 2, 1, 2, 0, 2]
+    mask = _row_mask(counts, shape) if masked else None
+    run = _Mapper(mapper)
+    m = run(lambda x, mk: jaxbn.moments(x, axis_name=run.axis_name, mask=mk), (0, 0 if masked else None), x, mask)
+    rows = _flat(x).astype(np.float64)
+    if masked:
+        rows = rows[_flat(np.broadcast_to(mask, x.shape))[:, 0]]
+    _each_device(m.mean, rows.mean(0), "mean", rtol=1e-7, atol=0)
+    _each_device(m.var, rows.var(0), "var", rtol=2e-6, atol=0)
+    single = jaxbn.moments(jnp.asarray(rows, jnp.float32))
+    np.testing.assert_allclose(single.var, rows.var(0), rtol=2e-6)
+
+
 @pytest.mark.parametrize("shape,axis", CASES, ids=CASE_IDS)
 def test_moments_pmap_count_and_shape(shape, axis):
     x = _normal(1, (D,) + shape)
