@@ -19,12 +19,17 @@ Axes = int | Sequence[int]
 
 def feature_axes(ndim: int, axis: Axes, *, name: str = "axis") -> tuple[int, ...]:
     """Returns the sorted, non-negative feature axes; rejects out-of-range or repeated axes."""
-    raw = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+    if isinstance(axis, numbers.Integral) and not isinstance(axis, bool):
+        raw = (axis,)
+    elif isinstance(axis, Sequence) and not isinstance(axis, str):
+        raw = tuple(axis)
+    else:
+        raise TypeError(f"`{name}` must be an int or a tuple of ints, got {axis!r}.")
     if not raw:
         raise ValueError(f"`{name}` must name at least one feature axis, got {axis!r}.")
     out = []
     for a in raw:
-        if not isinstance(a, numbers.Integral):
+        if not isinstance(a, numbers.Integral) or isinstance(a, bool):
             raise TypeError(f"`{name}` must be an int or a tuple of ints, got {axis!r}.")
         if not -ndim <= a < ndim:
             raise ValueError(
@@ -46,7 +51,9 @@ def feature_shape(shape: tuple[int, ...], features: tuple[int, ...]) -> tuple[in
 
 
 def check_input(x: Any, *, name: str = "x") -> None:
-    dtype = jnp.result_type(x) if not hasattr(x, "dtype") else x.dtype
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(f"`{name}` must be a JAX or NumPy array, got {type(x).__name__}.")
+    dtype = x.dtype
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating)):
         raise TypeError(
             f"`{name}` must be a floating-point (or complex) array, got dtype {dtype}; "
@@ -54,9 +61,17 @@ def check_input(x: Any, *, name: str = "x") -> None:
         )
 
 
-def check_param(p: Any, expected: tuple[int, ...], *, name: str) -> None:
+def check_param(p: Any, expected: tuple[int, ...], *, name: str, required: bool = False) -> None:
+    """``p`` (optional unless ``required``) is an array of the feature shape ``expected``."""
     if p is None:
+        if required:
+            raise TypeError(f"`{name}` is required: an array of the feature shape {expected}.")
         return
+    if not hasattr(p, "shape"):
+        if isinstance(p, numbers.Number):
+            p = np.asarray(p)  # a scalar: only fits a feature shape of ()
+        else:
+            raise TypeError(f"`{name}` must be a JAX or NumPy array of shape {expected}, got {type(p).__name__}.")
     if tuple(np.shape(p)) != expected:
         raise ValueError(
             f"`{name}` must have the feature shape {expected} (one value per feature), "
@@ -77,28 +92,45 @@ def check_mask(mask: Any, shape: tuple[int, ...]) -> None:
             f"`mask` of shape {mshape} does not broadcast to the input shape {tuple(shape)}."
         )
     mdtype = getattr(mask, "dtype", None)
-    if mdtype is not None and not (mdtype == jnp.bool_ or jnp.issubdtype(mdtype, jnp.integer)):
+    if mdtype is None:
+        mdtype = np.asarray(mask).dtype  # Python bools, ints, floats (lists or scalars)
+    if not (mdtype == jnp.bool_ or jnp.issubdtype(mdtype, jnp.integer)):
         raise TypeError(f"`mask` must be a boolean or integer array (True or nonzero = use), got dtype {mdtype}.")
+
+
+def _real_numbers(value: Any, name: str, expected: str, hint: str = "") -> np.ndarray:
+    """``value`` as a NumPy array of real numbers, or a TypeError naming the argument."""
+    try:
+        a = np.asarray(value)
+    except Exception:  # noqa: BLE001 - anything that is not array-like
+        a = None
+    if a is None or not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)) or a.dtype == bool:
+        raise TypeError(f"`{name}` must be {expected}, got {value!r}.{hint}")
+    return a
 
 
 def check_epsilon(epsilon: Any) -> None:
     if isinstance(epsilon, jax.core.Tracer):
         return
-    if not np.all(np.asarray(epsilon) > 0):
+    if not np.all(_real_numbers(epsilon, "epsilon", "a real number > 0") > 0):
         raise ValueError(f"`epsilon` must be > 0, got {epsilon!r}.")
 
 
 def check_momentum(momentum: Any, *, name: str = "momentum") -> None:
     if isinstance(momentum, jax.core.Tracer):
         return
-    m = np.asarray(momentum)
+    hint = (" (PyTorch's momentum=None, a cumulative average, is running_average='cumulative'.)"
+            if momentum is None else "")
+    m = _real_numbers(momentum, name, "a real number in [0, 1]", hint)
     if not np.all((m >= 0) & (m <= 1)):
         raise ValueError(f"`{name}` must lie in [0, 1], got {momentum!r}.")
 
 
-def stats_dtype(dtype: Any, *, force_float32: bool = True) -> np.dtype:
+def stats_dtype(dtype: Any, *, force_float32: bool = True, name: str = "dtype") -> np.dtype:
     """The dtype statistics are accumulated in: at least float32 (complex64 for complex)."""
     dtype = np.dtype(dtype)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating)):
+        raise TypeError(f"`{name}` must be a floating-point (or complex) dtype, got {dtype}.")
     if not force_float32:
         return dtype
     if jnp.issubdtype(dtype, jnp.complexfloating):
@@ -114,3 +146,15 @@ def result_dtype(*arrays: Any) -> np.dtype:
 
 def real_dtype(dtype: Any) -> np.dtype:
     return np.dtype(jnp.finfo(dtype).dtype)
+
+
+def check_groups(groups: Any, size: int) -> None:
+    """``axis_index_groups`` must split the ``size`` devices of the axis into groups (every index once)."""
+    if groups is None:
+        return
+    flat = sorted(int(i) for g in groups for i in g)
+    if flat != list(range(size)):
+        raise ValueError(
+            f"`axis_index_groups` must split the {size} device indices of the axis into groups "
+            f"(every index in 0..{size - 1} exactly once), got {groups!r}."
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -39,6 +40,18 @@ def _path(module: nn.Module) -> tuple[str, ...]:
     return tuple(module.scope.path)
 
 
+def _require_inference_mode(bn: nn.Module, call_args, call_kwargs) -> None:
+    """Folding freezes the running statistics into the weights: the sample call must use them."""
+    call_mode = call_kwargs.get("use_running_average", call_args[1] if len(call_args) > 1 else None)
+    use_running = call_mode if call_mode is not None else bn.use_running_average
+    if not use_running and not getattr(bn, "frozen", False):
+        raise ValueError(
+            f"fold_batch_norm needs a sample call in inference mode, but BatchNorm "
+            f"{'/'.join(_path(bn)) or '<top level>'} runs in training mode in it: pass the model's "
+            "inference arguments (e.g. train=False)."
+        )
+
+
 def _find_pairs(model: nn.Module, variables, args, kwargs):
     """Runs the model once and records each BN whose input is exactly a Dense/Conv output.
 
@@ -48,10 +61,12 @@ def _find_pairs(model: nn.Module, variables, args, kwargs):
     pairs: list[tuple[tuple[str, ...], tuple[str, ...], nn.Module, nn.Module, int, Any]] = []
 
     def interceptor(next_fun, call_args, call_kwargs, context):
+        mod = context.module
+        if context.method_name == "__call__" and isinstance(mod, _NORMS):
+            _require_inference_mode(mod, call_args, call_kwargs)
         out = next_fun(*call_args, **call_kwargs)
         if context.method_name != "__call__":
             return out
-        mod = context.module
         if isinstance(mod, _LINEAR):
             outputs[id(out)] = (mod, out)
         elif isinstance(mod, _NORMS) and call_args:
@@ -125,7 +140,7 @@ def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any], *args: Any, 
     folded_bn: dict[tuple[str, ...], Any] = {}  # BN path -> its output dtype
     biased = set()
     for lin_path, bn_path, lin, bn, ndim, out_dtype in pairs:
-        axes = (bn.axis,) if isinstance(bn.axis, int) else tuple(bn.axis)
+        axes = (bn.axis,) if isinstance(bn.axis, numbers.Integral) else tuple(bn.axis)
         if tuple(a % ndim for a in axes) != (ndim - 1,):
             raise ValueError(
                 f"BatchNorm {'/'.join(bn_path)} normalizes axis {bn.axis} of its {ndim}-D input; "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -37,6 +38,25 @@ def layout(x, *, axis, epsilon, momentum, mask, dtype, force_float32) -> Layout:
     return Layout(features, red, _checks.feature_shape(x.shape, features), sdtype)
 
 
+def check_stats_shapes(fshape: tuple[int, ...], **stats: Any) -> None:
+    """The stored running statistics (``name=value``, None skipped) have the input's feature shape."""
+    for name, value in stats.items():
+        if value is not None and tuple(jnp.shape(value)) != tuple(fshape):
+            raise ValueError(
+                f"`batch_stats/{name}` has shape {tuple(jnp.shape(value))}, but this BatchNorm's input "
+                f"has the feature shape {tuple(fshape)} (variables from another model or layer?)."
+            )
+
+
+def check_virtual_batch_size(virtual_batch_size: Any) -> None:
+    if virtual_batch_size is not None and (
+        not isinstance(virtual_batch_size, numbers.Integral)
+        or isinstance(virtual_batch_size, bool)
+        or virtual_batch_size <= 0
+    ):
+        raise ValueError(f"`virtual_batch_size` must be a positive int or None, got {virtual_batch_size!r}.")
+
+
 def renorm_clip(clipping: Mapping[str, float] | None) -> tuple[float, float, float]:
     """Keras's renorm_clipping dict as (rmax, rmin, dmax); missing keys mean inf, 0, inf."""
     clipping = dict(clipping or {})
@@ -46,7 +66,9 @@ def renorm_clip(clipping: Mapping[str, float] | None) -> tuple[float, float, flo
             f"`renorm_clipping` keys must be among 'rmax', 'rmin', 'dmax', got {sorted(unknown)}."
         )
     rmax, rmin, dmax = clipping.get("rmax", math.inf), clipping.get("rmin", 0.0), clipping.get("dmax", math.inf)
-    if not (0 <= rmin <= 1 <= rmax) or dmax < 0:
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (rmax, rmin, dmax)):
+        raise TypeError(f"`renorm_clipping` values must be real numbers, got {clipping}.")
+    if not (0 <= rmin <= 1 <= rmax) or not dmax >= 0:  # "not >=" also rejects NaN
         raise ValueError(
             f"`renorm_clipping` needs 0 <= rmin <= 1 <= rmax and dmax >= 0, got {clipping}."
         )
@@ -71,7 +93,7 @@ class TrainOut(NamedTuple):
 
 def _ghost_view(x, mask, lay: Layout, virtual_batch_size: int):
     """Reshapes the leading batch axis into (ghosts, virtual_batch_size)."""
-    if lay.red[0] != 0:
+    if not lay.red or lay.red[0] != 0:
         raise ValueError("`virtual_batch_size` needs axis 0 to be a batch (reduction) axis.")
     n = x.shape[0]
     if virtual_batch_size <= 0 or n % virtual_batch_size:
@@ -155,6 +177,11 @@ def train(
         xk, mk, _, red, ghosts = _ghost_view(x, mask, lay, virtual_batch_size)
         stat_axis_name = stat_groups = None
     if not initializing:  # init may trace with a single example (flax allows it)
+        if ghosts is not None and _ops.static_shape(xk.shape) and math.prod(xk.shape[i] for i in red) == 1:
+            raise ValueError(
+                f"`virtual_batch_size`={virtual_batch_size} leaves a single element per feature in "
+                "each ghost batch: its variance is undefined."
+            )
         _ops.check_reducible(xk.shape, red, stat_axis_name)
 
     plain = renorm is None and adjustment is None
@@ -201,6 +228,7 @@ def train(
         bshape = tuple(xk.shape[i] if i not in red else 1 for i in range(xk.ndim))
         a, b = a.reshape(bshape), b.reshape(bshape)
         if adjustment is not None:
+            _check_adjustment(adjustment, x.shape, lay.fshape)
             adj_scale, adj_bias = (_in_layout(v, lay) for v in adjustment)
             if ghosts is not None:
                 adj_scale, adj_bias = (
@@ -230,6 +258,23 @@ def train(
     if renorm is not None:
         rmean, rstd = batch.mean, jnp.sqrt(batch.var + epsilon)
     return TrainOut(y, batch, rmean, rstd, unbiased_var)
+
+
+def _check_adjustment(adjustment: Any, shape: tuple[int, ...], fshape: tuple[int, ...]) -> None:
+    """The adjustment's ``(a, b)``: each of the feature shape or broadcastable to the input's."""
+    if not (isinstance(adjustment, (tuple, list)) and len(adjustment) == 2):
+        raise TypeError(f"`adjustment` must return a pair (a, b), got {type(adjustment).__name__}.")
+    for name, v in zip("ab", adjustment):
+        vshape = tuple(jnp.shape(v))
+        try:
+            fits = vshape == tuple(fshape) or jnp.broadcast_shapes(vshape, tuple(shape)) == tuple(shape)
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"`adjustment` returned `{name}` of shape {vshape}: expected the feature shape "
+                f"{tuple(fshape)} or a shape that broadcasts to the input's {tuple(shape)}."
+            )
 
 
 def call_adjustment(adjustment: Callable, shape: tuple[int, ...], rng: jax.Array | None):

@@ -65,6 +65,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxbn import _checks
@@ -134,8 +135,8 @@ def normalize(
     """
     features, red = validate(x, scale, bias, axis, epsilon, None)
     fshape = _checks.feature_shape(x.shape, features)
-    _checks.check_param(mean, fshape, name="mean")
-    _checks.check_param(var, fshape, name="var")
+    _checks.check_param(mean, fshape, name="mean", required=True)
+    _checks.check_param(var, fshape, name="var", required=True)
     sdtype = _checks.stats_dtype(x.dtype)
     inv = lax.rsqrt(jnp.asarray(var).astype(_checks.real_dtype(sdtype)) + epsilon)
     mean = jnp.asarray(mean).astype(sdtype)
@@ -465,7 +466,10 @@ def batch_norm(
     """
     _, red = validate(x, scale, bias, axis, epsilon, mask)
     check_reducible(x.shape, red, axis_name)
-    sdtype = _checks.stats_dtype(x.dtype) if stats_dtype is None else stats_dtype
+    if stats_dtype is None:
+        sdtype = _checks.stats_dtype(x.dtype)
+    else:
+        sdtype = _checks.stats_dtype(stats_dtype, force_float32=False, name="stats_dtype")
     return batch_norm_impl(
         x,
         scale,
@@ -485,6 +489,12 @@ def batch_norm_impl(
     x, scale, bias, mask, *, red, epsilon, axis_name, axis_index_groups, fast_variance, sdtype, out_dtype
 ) -> tuple[jax.Array, Moments]:
     """:func:`batch_norm` on validated arguments (used by the modules)."""
+    if isinstance(epsilon, jax.core.Tracer) or np.ndim(epsilon) != 0:
+        raise TypeError(
+            "`epsilon` of batch_norm must be a concrete scalar (it is static: the compiled "
+            f"backward pass depends on it), got {epsilon!r}; jaxbn.normalize accepts traced "
+            "or per-feature values."
+        )
     cfg = _Config(
         tuple(red),
         float(epsilon),

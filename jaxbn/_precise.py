@@ -92,7 +92,8 @@ def recompute_batch_stats(
     ``"debiased"``) also get it set to the number of batches (calls) recorded,
     so that training on continues the average as if those batches had been its
     first ones (in the debiased mode: as if they had gathered the weight
-    ``1 - momentum**count``).
+    ``1 - momentum**count``). A feature that no batch showed (all its elements
+    masked, or only empty batches) keeps its statistics and count.
 
     Args:
       apply_fn: ``model.apply`` or any function called as
@@ -142,9 +143,13 @@ def recompute_batch_stats(
         mean, var, k = stats.result()
         new = {"mean": mean, "var": var}
         if layer + ("count",) in stats_tree:  # the cumulative and debiased modes' number of batches
-            new["count"] = np.broadcast_to(k, np.shape(stats_tree[layer + ("count",)]))
+            new["count"] = k
         for name, value in new.items():
             old = stats_tree[layer + (name,)]
+            # A feature that no batch showed (every element masked, or empty batches)
+            # keeps its statistics, as a training step would leave them.
+            value = np.where(np.asarray(k) > 0, value, np.asarray(old))
+            value = np.broadcast_to(value, np.shape(old))
             stats_tree[layer + (name,)] = jax.numpy.asarray(value, dtype=old.dtype)
     out["batch_stats"] = traverse_util.unflatten_dict(stats_tree)
     return out

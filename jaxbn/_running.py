@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxbn import _checks
 from jaxbn._stats import Moments
@@ -68,6 +69,18 @@ def update_running_stats(
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
     _checks.check_momentum(momentum)
+    if not all(hasattr(batch, f) for f in ("mean", "var", "count")):
+        raise TypeError(f"`batch` must be a jaxbn.Moments (mean, var, count), got {type(batch).__name__}.")
+    fshape = tuple(jnp.shape(batch.mean))
+    _checks.check_param(mean, fshape, name="mean", required=True)
+    _checks.check_param(var, fshape, name="var", required=True)
+    if count is not None:
+        if tuple(jnp.shape(count)) not in ((), fshape):
+            raise ValueError(
+                f"`count` must be a scalar or of the feature shape {fshape}, got shape {tuple(jnp.shape(count))}."
+            )
+        if not isinstance(count, jax.core.Tracer) and np.any(np.asarray(count) < 0):
+            raise ValueError(f"`count` (batches folded in so far) must be >= 0, got {count!r}.")
     n = batch.count
     bvar = batch.var
     if unbiased:
@@ -85,7 +98,8 @@ def update_running_stats(
         new_mean = momentum * mean + (1 - momentum) * bmean
         new_var = momentum * var + (1 - momentum) * bvar
     else:
-        k = (jnp.zeros((), n.dtype) if count is None else jnp.asarray(count).astype(n.dtype)) + 1
+        # k >= 1 even for a (traced) negative count, so that w stays finite.
+        k = (jnp.zeros((), n.dtype) if count is None else jnp.maximum(jnp.asarray(count), 0).astype(n.dtype)) + 1
         w = 1 / k
         if mode == "debiased":
             # (1 - m) / (1 - m**k) as expm1(log m) / expm1(k log m): accurate for m

@@ -437,9 +437,18 @@ def merge_moments(
         parts = [n, c, d, m2]
     pack = jnp.stack(parts)
     size = lax.axis_size(axis_name)
+    _checks.check_groups(axis_index_groups, size)
     slots = jnp.zeros((size,) + pack.shape, pack.dtype)
     slots = lax.dynamic_update_index_in_dim(slots, pack, lax.axis_index(axis_name), 0)
-    allp = lax.psum(slots, axis_name, axis_index_groups=axis_index_groups)
+    try:
+        allp = lax.psum(slots, axis_name, axis_index_groups=axis_index_groups)
+    except NotImplementedError as e:
+        if axis_index_groups is None or str(e):
+            raise
+        raise NotImplementedError(
+            "`axis_index_groups` is not supported by JAX's collectives here (shard_map has none; "
+            "pmap does): give each group its own mesh axis and pool over that axis name instead."
+        ) from e
     ns = allp[:, 0]
     if complex_mean:
         cs, ds = lax.complex(allp[:, 1], allp[:, 2]), lax.complex(allp[:, 3], allp[:, 4])

@@ -180,6 +180,7 @@ class BatchNorm(nn.Module):
         )
         if self.running_average not in MODES:
             raise ValueError(f"`running_average` must be one of {MODES}, got {self.running_average!r}.")
+        _layer.check_virtual_batch_size(self.virtual_batch_size)
         if self.renorm:
             _checks.check_momentum(self.renorm_momentum, name="renorm_momentum")
             _layer.renorm_clip(self.renorm_clipping)
@@ -200,6 +201,14 @@ class BatchNorm(nn.Module):
         ra_mean, ra_var = stat("mean", 0), stat("var", 1)
         ra_count = stat("count", 0, jnp.int32) if self.running_average in COUNTED_MODES else None
         rn_mean, rn_std = (stat("renorm_mean", 0), stat("renorm_std", 1)) if self.renorm else (None, None)
+        _layer.check_stats_shapes(
+            lay.fshape,
+            mean=ra_mean.value,
+            var=ra_var.value,
+            count=None if ra_count is None else ra_count.value,
+            renorm_mean=None if rn_mean is None else rn_mean.value,
+            renorm_std=None if rn_std is None else rn_std.value,
+        )
 
         scale = bias = None
         if self.use_scale:

@@ -27,7 +27,10 @@ _NO_MODE_MSG = (
 
 
 def _feature_shape(num_features: Any) -> tuple[int, ...]:
-    raw = (num_features,) if isinstance(num_features, numbers.Integral) else tuple(num_features)
+    if isinstance(num_features, numbers.Integral):
+        raw = (num_features,)
+    else:
+        raw = tuple(num_features) if isinstance(num_features, (tuple, list)) else ()
     if not raw or not all(isinstance(n, numbers.Integral) and n > 0 for n in raw):
         raise ValueError(
             f"`num_features` must be a positive int, or a tuple of them (one per feature "
@@ -60,6 +63,8 @@ def _sorted_feature_shape(axis: tuple[int, ...], fshape: tuple[int, ...]) -> tup
     The statistics and parameters of a tuple axis follow the input's axis order,
     as the kernels (and flax.linen) lay them out, whatever order ``axis`` lists.
     """
+    if len(axis) == 1:
+        return fshape
     # The input's order of the listed axes, at every rank where they are distinct
     # and in range (beyond the largest offset between them it no longer changes).
     lowest = max(max(a + 1, -a) for a in axis)
@@ -249,12 +254,7 @@ class BatchNorm(nnx.Module):
         if renorm_clipping is not None:
             _layer.renorm_clip(renorm_clipping)
             renorm_clipping = dict(renorm_clipping)
-        if virtual_batch_size is not None and (
-            not isinstance(virtual_batch_size, numbers.Integral)
-            or isinstance(virtual_batch_size, bool)
-            or virtual_batch_size <= 0
-        ):
-            raise ValueError(f"`virtual_batch_size` must be a positive int or None, got {virtual_batch_size!r}.")
+        _layer.check_virtual_batch_size(virtual_batch_size)
 
         def stat(fill, dtype=_STATS_DTYPE):
             return nnx.BatchStat(jnp.full(fshape, fill, dtype))
@@ -343,6 +343,13 @@ class BatchNorm(nnx.Module):
                 f"`axis`={self.axis!r}, but the input of shape {tuple(x.shape)} has sizes "
                 f"{sizes[0] if len(sizes) == 1 else sizes} there."
             )
+        _layer.check_stats_shapes(
+            lay.fshape,
+            var=var,
+            count=None if self.count is None else self.count[...],
+            renorm_mean=self.renorm_mean[...] if self.renorm else None,
+            renorm_std=self.renorm_std[...] if self.renorm else None,
+        )
         out_dtype = self.dtype if self.dtype is not None else _checks.result_dtype(x, scale, bias)
 
         if use_running_average or self.frozen:
@@ -382,7 +389,13 @@ class BatchNorm(nnx.Module):
             unbiased=self.unbiased_running_var,
             renorm_momentum=self.renorm_momentum,
         )
-        self.mean[...], self.var[...] = new.mean, new.var
+        if new.mean.dtype != self.mean.dtype:
+            # A complex batch mean makes the running mean complex (as in linen and
+            # flax.linen); writing it in place would drop its imaginary part.
+            self.mean.set_value(new.mean)
+        else:
+            self.mean[...] = new.mean
+        self.var[...] = new.var
         if self.count is not None:
             self.count[...] = new.count
         if self.renorm:

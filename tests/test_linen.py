@@ -241,6 +241,29 @@ def test_module_argument_errors():
         jaxbn.BatchNorm(axis=4).init(jax.random.key(0), x, False)
     with pytest.raises(TypeError, match="`x`"):
         jaxbn.BatchNorm().init(jax.random.key(0), jnp.ones((4, 3), jnp.int32), False)
+    with pytest.raises(TypeError, match="`dtype`"):
+        jaxbn.BatchNorm(dtype=jnp.int32).init(jax.random.key(0), x, False)
+    for vbs in (2.0, "2", True):
+        with pytest.raises(ValueError, match="`virtual_batch_size`"):
+            jaxbn.BatchNorm(virtual_batch_size=vbs).init(jax.random.key(0), x, False)
+    with pytest.raises(ValueError, match="`virtual_batch_size`=1 leaves a single element"):
+        bn = jaxbn.BatchNorm(virtual_batch_size=1)
+        bn.apply(bn.init(jax.random.key(0), x[:, 0, 0], False), x[:, 0, 0], False, mutable=["batch_stats"])
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_running_statistics_of_the_wrong_shape_are_rejected(train):
+    """Stored statistics that do not fit the input (another layer's, a bad checkpoint) were
+    silently broadcast in evaluation and silently replaced in training."""
+    x = _data()  # 3 features
+    bn = jaxbn.BatchNorm(use_scale=False, use_bias=False)  # no params whose shape flax would check
+    v = bn.init(jax.random.key(0), x[..., :1], False)
+    with pytest.raises(ValueError, match="`batch_stats/mean` has shape \\(1,\\).*\\(3,\\)"):
+        bn.apply(v, x, not train, mutable=["batch_stats"])
+    good = bn.init(jax.random.key(0), x, False)
+    bad = {"batch_stats": {"mean": good["batch_stats"]["mean"], "var": jnp.ones((3, 1))}}
+    with pytest.raises(ValueError, match="`batch_stats/var`"):
+        bn.apply(bad, x, not train, mutable=["batch_stats"])
 
 
 def test_single_example_init_is_allowed_but_training_on_it_is_not():

@@ -326,6 +326,25 @@ def test_all_masked_batch_leaves_running_stats_unchanged():
         jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(bn, nnx.BatchStat)), before)
 
 
+def test_complex_input_keeps_a_complex_running_mean():
+    """As in linen (and flax.linen): writing the complex batch mean in place dropped its imaginary part."""
+    x = jax.random.normal(jax.random.key(0), (16, 4)).astype(jnp.complex64) + jnp.complex64(3j)
+    with jax.numpy_dtype_promotion("standard"):  # complex input with real parameters
+        bn = jbn.BatchNorm(4, momentum=0.0, use_running_average=False, rngs=nnx.Rngs(0))
+        bn(x)
+        lin = jaxbn.BatchNorm(momentum=0.0, use_running_average=False)
+        _, upd = lin.apply(lin.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+    np.testing.assert_allclose(bn.mean[...], np.asarray(x).mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.mean[...], upd["batch_stats"]["mean"], rtol=1e-6)
+
+
+def test_running_variance_of_the_wrong_shape_is_rejected():
+    bn = jbn.BatchNorm(4, use_running_average=True, rngs=nnx.Rngs(0))
+    bn.var = nnx.BatchStat(jnp.ones((1,)))
+    with pytest.raises(ValueError, match="`batch_stats/var` has shape \\(1,\\)"):
+        bn(jnp.ones((8, 4)))
+
+
 def test_argument_errors_name_the_argument():
     r = nnx.Rngs(0)
     x = jnp.ones((8, 4))

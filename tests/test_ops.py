@@ -623,6 +623,46 @@ def test_errors_name_the_argument():
         jaxbn.update_running_stats(jnp.zeros(3), jnp.ones(3), jaxbn.moments(x), mode="avg")
 
 
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda x: jaxbn.batch_norm([[1.0, 2.0]] * 4), TypeError, "`x` must be a JAX or NumPy array"),
+        (lambda x: jaxbn.batch_norm(None), TypeError, "`x` must be a JAX or NumPy array"),
+        (lambda x: jaxbn.batch_norm(x, [1.0] * 3), TypeError, "`scale` must be a JAX or NumPy array"),
+        (lambda x: jaxbn.normalize(x, None, None), TypeError, "`mean` is required"),
+        (lambda x: jaxbn.batch_norm(x, axis=None), TypeError, "`axis` must be an int"),
+        (lambda x: jaxbn.batch_norm(x, axis=1.0), TypeError, "`axis` must be an int"),
+        (lambda x: jaxbn.batch_norm(x, epsilon=None), TypeError, "`epsilon` must be a real number"),
+        (lambda x: jaxbn.batch_norm(x, epsilon="1e-5"), TypeError, "`epsilon` must be a real number"),
+        (lambda x: jaxbn.batch_norm(x, epsilon=np.full(3, 1e-5)), TypeError, "`epsilon` of batch_norm must be a concrete scalar"),
+        (lambda x: jaxbn.batch_norm(x, stats_dtype=jnp.int32), TypeError, "`stats_dtype`"),
+        (lambda x: jaxbn.batch_norm(x, mask=[0.3] * 3), TypeError, "`mask` must be a boolean or integer"),
+        (lambda x: jaxbn.update_running_stats(jnp.zeros(3), jnp.ones(3), jaxbn.moments(x), momentum=None),
+         TypeError, "running_average='cumulative'"),
+        (lambda x: jaxbn.update_running_stats(jnp.zeros((3, 1)), jnp.ones(3), jaxbn.moments(x)), ValueError, "`mean`.*\\(3,\\)"),
+        (lambda x: jaxbn.update_running_stats(jnp.zeros(3), jnp.ones(1), jaxbn.moments(x)), ValueError, "`var`.*\\(3,\\)"),
+        (lambda x: jaxbn.update_running_stats(jnp.zeros(3), jnp.ones(3), jaxbn.moments(x), count=jnp.zeros(2, int)),
+         ValueError, "`count`"),
+        (lambda x: jaxbn.update_running_stats(jnp.zeros(3), jnp.ones(3), jaxbn.moments(x), mode="debiased", count=-1),
+         ValueError, "`count`.*>= 0"),
+        (lambda x: jaxbn.update_running_stats(jnp.zeros(3), jnp.ones(3), (jnp.zeros(3), jnp.ones(3))),
+         TypeError, "`batch` must be a jaxbn.Moments"),
+    ],
+)
+def test_bad_arguments_get_errors_that_name_them(call, error, message):
+    """Non-arrays, None, wrong types and shapes: an error naming the argument, never an
+    internal jnp error or a silently broadcast result ((3, 1) running means became (3, 3))."""
+    with pytest.raises(error, match=message):
+        call(jnp.ones((4, 3)))
+
+
+def test_traced_negative_count_cannot_make_running_stats_nan():
+    f = jax.jit(lambda c: jaxbn.update_running_stats(jnp.zeros(3), jnp.ones(3), jaxbn.moments(jnp.arange(12.0).reshape(4, 3)),
+                                                   mode="cumulative", count=c))
+    mean, var, _ = f(jnp.full(3, -1))
+    assert bool(jnp.all(jnp.isfinite(mean))) and bool(jnp.all(jnp.isfinite(var)))
+
+
 def test_errors_raised_at_trace_time_under_jit():
     with pytest.raises(ValueError, match="`scale`"):
         jax.jit(lambda x, s: jaxbn.batch_norm(x, s))(jnp.ones((4, 3)), jnp.ones(2))

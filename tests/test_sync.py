@@ -715,6 +715,14 @@ GROUPS = [
 ]
 
 
+def test_axis_index_groups_must_cover_every_device():
+    """Groups that leave devices out passed JAX's trace-time checks and crashed in XLA."""
+    x = _normal(0, (D, 4, 3))
+    f = jax.pmap(lambda x: jaxbn.moments(x, axis_name="i", axis_index_groups=[[0, 1], [2, 3]]).var, axis_name="i")
+    with pytest.raises(ValueError, match="`axis_index_groups` must split the 8 device indices"):
+        f(x)
+
+
 @pytest.mark.parametrize(
     "groups,masked",
     [(GROUPS[0], False), (GROUPS[1], True), (GROUPS[2], True)],

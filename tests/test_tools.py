@@ -108,6 +108,30 @@ def test_recompute_batch_stats_counts_only_batches_a_feature_was_seen_in(method)
     np.testing.assert_allclose(stats["mean"][0], want0, rtol=1e-5)
 
 
+def test_recompute_batch_stats_keeps_what_no_batch_showed():
+    """A feature masked out in every batch keeps its statistics (it got mean 0 and var 0)."""
+
+    class Masked(nn.Module):
+        @nn.compact
+        def __call__(self, xm, train: bool):
+            x, mask = xm
+            return jaxbn.BatchNorm(use_running_average=not train, running_average="cumulative")(x, mask=mask)
+
+    batches = _batches(2)
+    hide0 = np.ones((16, 3), bool)
+    hide0[:, 0] = False
+    model = Masked()
+    v = model.init(jax.random.key(0), (batches[0], hide0), train=False)
+    stats = {"mean": jnp.asarray([5.0, 6.0, 7.0]), "var": jnp.asarray([2.0, 3.0, 4.0]), "count": jnp.full(3, 9, jnp.int32)}
+    v = {"params": v["params"], "batch_stats": {"BatchNorm_0": stats}}
+    for method in ("pooled", "average"):
+        out = jaxbn.recompute_batch_stats(model.apply, v, [(b, hide0) for b in batches], method=method, train=True)
+        got = out["batch_stats"]["BatchNorm_0"]
+        assert float(got["mean"][0]) == 5.0 and float(got["var"][0]) == 2.0 and int(got["count"][0]) == 9
+        np.testing.assert_array_equal(got["count"][1:], 2)
+        assert float(got["var"][1]) != 3.0
+
+
 def test_recompute_batch_stats_errors():
     model = InputNormMLP()
     b = _batches(1)
@@ -204,6 +228,21 @@ def test_fold_batch_norm_feature_axis_of_the_activation(axis):
     wrong = SeqDenseBN(1)
     with pytest.raises(ValueError, match="normalizes axis 1 of its 3-D input"):
         jaxbn.fold_batch_norm(wrong, wrong.init(jax.random.key(1), x, train=False), x, train=False)
+
+
+def test_fold_batch_norm_asks_for_an_inference_sample_call():
+    """A training-mode sample call used to give the module's "pass mutable" advice, and then,
+    with mutable, an error blaming the model's structure."""
+    model, x = SeqDenseBN(-1), jax.random.normal(jax.random.key(0), (4, 5, 3))
+    v = model.init(jax.random.key(1), x, train=False)
+    with pytest.raises(ValueError, match="needs a sample call in inference mode.*train=False"):
+        jaxbn.fold_batch_norm(model, v, x, train=True)
+    with pytest.raises(ValueError, match="needs a sample call in inference mode"):
+        jaxbn.fold_batch_norm(model, v, x, train=True, mutable=["batch_stats"])
+    numpy_axis = SeqDenseBN(np.int64(-1))  # the module accepts NumPy ints; fold did not
+    folded = jaxbn.fold_batch_norm(numpy_axis, v, x, train=False)
+    np.testing.assert_allclose(folded.apply(folded.variables, x, train=False), model.apply(v, x, train=False),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_fold_batch_norm_needs_a_pair():

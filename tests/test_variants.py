@@ -249,6 +249,24 @@ def test_renorm_clipping_errors():
         jaxbn.BatchNorm(renorm=True, renorm_clipping={"r_max": 2.0}).init(jax.random.key(0), x, False)
     with pytest.raises(ValueError, match="`renorm_momentum`"):
         jaxbn.BatchNorm(renorm=True, renorm_momentum=2.0).init(jax.random.key(0), x, False)
+    with pytest.raises(ValueError, match="`renorm_clipping`"):  # NaN made every output NaN
+        jaxbn.BatchNorm(renorm=True, renorm_clipping={"dmax": float("nan")}).init(jax.random.key(0), x, False)
+    with pytest.raises(TypeError, match="`renorm_clipping`"):
+        jaxbn.BatchNorm(renorm=True, renorm_clipping={"rmax": "3"}).init(jax.random.key(0), x, False)
+
+
+def test_adjustment_of_the_wrong_shape_and_ghosts_without_a_batch_axis_are_named():
+    x = jnp.ones((8, 16))
+    def returning(shape):
+        return lambda s: (jnp.ones(shape), jnp.zeros(shape))
+
+    for shape in [(3,), (16, 1)]:
+        bn = jaxbn.BatchNorm(adjustment=returning(shape))
+        v = bn.init(jax.random.key(0), x, True)
+        with pytest.raises(ValueError, match="`adjustment` returned `a` of shape"):
+            bn.apply(v, x, False, mutable=["batch_stats"])
+    with pytest.raises(ValueError, match="`virtual_batch_size` needs axis 0"):
+        jaxbn.BatchNorm(axis=(0, 1), virtual_batch_size=2).init(jax.random.key(0), x, False)
 
 
 @pytest.mark.parametrize("option", ["renorm", "adjustment"])
