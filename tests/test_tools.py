@@ -84,21 +84,24 @@ def test_recompute_batch_stats_sets_the_cumulative_count():
                                    rtol=1e-5)
 
 
+class MaskedCumulative(nn.Module):
+    """A cumulative-average BN whose input is (x, mask)."""
+
+    @nn.compact
+    def __call__(self, xm, train: bool):
+        x, mask = xm
+        return jaxbn.BatchNorm(use_running_average=not train, running_average="cumulative")(x, mask=mask)
+
+
 @pytest.mark.parametrize("method", ["pooled", "average"])
 def test_recompute_batch_stats_counts_only_batches_a_feature_was_seen_in(method):
     """A batch whose mask hides a feature entirely adds nothing to that feature, its count included."""
-
-    class Masked(nn.Module):
-        @nn.compact
-        def __call__(self, xm, train: bool):
-            x, mask = xm
-            return jaxbn.BatchNorm(use_running_average=not train, running_average="cumulative")(x, mask=mask)
 
     batches = _batches(3)
     hide0 = np.ones((16, 3), bool)
     hide0[:, 0] = False
     masks = [np.ones((16, 3), bool), hide0, np.ones((16, 3), bool)]
-    model = Masked()
+    model = MaskedCumulative()
     v = model.init(jax.random.key(0), (batches[0], masks[0]), train=False)
     out = jaxbn.recompute_batch_stats(model.apply, v, list(zip(batches, masks)), method=method, train=True)
     stats = out["batch_stats"]["BatchNorm_0"]
@@ -111,16 +114,10 @@ def test_recompute_batch_stats_counts_only_batches_a_feature_was_seen_in(method)
 def test_recompute_batch_stats_keeps_what_no_batch_showed():
     """A feature masked out in every batch keeps its statistics (it got mean 0 and var 0)."""
 
-    class Masked(nn.Module):
-        @nn.compact
-        def __call__(self, xm, train: bool):
-            x, mask = xm
-            return jaxbn.BatchNorm(use_running_average=not train, running_average="cumulative")(x, mask=mask)
-
     batches = _batches(2)
     hide0 = np.ones((16, 3), bool)
     hide0[:, 0] = False
-    model = Masked()
+    model = MaskedCumulative()
     v = model.init(jax.random.key(0), (batches[0], hide0), train=False)
     stats = {"mean": jnp.asarray([5.0, 6.0, 7.0]), "var": jnp.asarray([2.0, 3.0, 4.0]), "count": jnp.full(3, 9, jnp.int32)}
     v = {"params": v["params"], "batch_stats": {"BatchNorm_0": stats}}
