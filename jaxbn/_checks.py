@@ -21,6 +21,8 @@ def feature_axes(ndim: int, axis: Axes, *, name: str = "axis") -> tuple[int, ...
     """Returns the sorted, non-negative feature axes; rejects out-of-range or repeated axes."""
     if isinstance(axis, numbers.Integral) and not isinstance(axis, bool):
         raw = (axis,)
+    elif isinstance(axis, np.ndarray) and axis.ndim <= 1:  # as flax accepts
+        raw = tuple(axis.reshape(-1).tolist())
     elif isinstance(axis, Sequence) and not isinstance(axis, str):
         raw = tuple(axis)
     else:
@@ -98,13 +100,13 @@ def check_mask(mask: Any, shape: tuple[int, ...]) -> None:
         raise TypeError(f"`mask` must be a boolean or integer array (True or nonzero = use), got dtype {mdtype}.")
 
 
-def _real_numbers(value: Any, name: str, expected: str, hint: str = "") -> np.ndarray:
+def real_numbers(value: Any, name: str, expected: str, hint: str = "") -> np.ndarray:
     """``value`` as a NumPy array of real numbers, or a TypeError naming the argument."""
     try:
         a = np.asarray(value)
     except Exception:  # noqa: BLE001 - anything that is not array-like
         a = None
-    if a is None or not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)) or a.dtype == bool:
+    if a is None or a.dtype == bool or not (jnp.issubdtype(a.dtype, jnp.floating) or jnp.issubdtype(a.dtype, jnp.integer)):
         raise TypeError(f"`{name}` must be {expected}, got {value!r}.{hint}")
     return a
 
@@ -112,7 +114,7 @@ def _real_numbers(value: Any, name: str, expected: str, hint: str = "") -> np.nd
 def check_epsilon(epsilon: Any) -> None:
     if isinstance(epsilon, jax.core.Tracer):
         return
-    if not np.all(_real_numbers(epsilon, "epsilon", "a real number > 0") > 0):
+    if not np.all(real_numbers(epsilon, "epsilon", "a real number > 0") > 0):
         raise ValueError(f"`epsilon` must be > 0, got {epsilon!r}.")
 
 
@@ -121,7 +123,7 @@ def check_momentum(momentum: Any, *, name: str = "momentum") -> None:
         return
     hint = (" (PyTorch's momentum=None, a cumulative average, is running_average='cumulative'.)"
             if momentum is None else "")
-    m = _real_numbers(momentum, name, "a real number in [0, 1]", hint)
+    m = real_numbers(momentum, name, "a real number in [0, 1]", hint)
     if not np.all((m >= 0) & (m <= 1)):
         raise ValueError(f"`{name}` must lie in [0, 1], got {momentum!r}.")
 

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxbn import _checks, _ops
@@ -66,7 +67,12 @@ def renorm_clip(clipping: Mapping[str, float] | None) -> tuple[float, float, flo
             f"`renorm_clipping` keys must be among 'rmax', 'rmin', 'dmax', got {sorted(unknown)}."
         )
     rmax, rmin, dmax = clipping.get("rmax", math.inf), clipping.get("rmin", 0.0), clipping.get("dmax", math.inf)
-    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (rmax, rmin, dmax)):
+    rmax, rmin, dmax = (
+        float(_checks.real_numbers(v, "renorm_clipping", f"a dict of real numbers (got {clipping})").reshape(()))
+        if np.ndim(v) == 0 else v
+        for v in (rmax, rmin, dmax)
+    )
+    if not all(isinstance(v, float) for v in (rmax, rmin, dmax)):
         raise TypeError(f"`renorm_clipping` values must be real numbers, got {clipping}.")
     if not (0 <= rmin <= 1 <= rmax) or not dmax >= 0:  # "not >=" also rejects NaN
         raise ValueError(
@@ -128,11 +134,18 @@ def _ghost_reduce(mom: Moments, axis_name, groups) -> tuple[Moments, jax.Array]:
     """
     w = mom.count
     unbiased = mom.var * (w / jnp.maximum(w - 1, 1)).astype(mom.var.dtype)
-    sums = jnp.stack([jnp.sum(w * v, 0) for v in (mom.mean, mom.var, unbiased)] + [jnp.sum(w, 0)])
+    # One buffer (one collective) in the widest dtype: counts are at least float32.
+    wide = _checks.result_dtype(mom.mean, mom.var, w)
+    ww = w.astype(wide)
+    sums = jnp.stack([jnp.sum(ww * v.astype(wide), 0) for v in (mom.mean, mom.var, unbiased)] + [jnp.sum(ww, 0)])
     if axis_name is not None:
         sums = lax.psum(sums, axis_name, axis_index_groups=groups)
-    inv = inverse_count(sums[3])
-    return Moments(sums[0] * inv, sums[1] * inv, sums[3]), sums[2] * inv
+    total = jnp.real(sums[3])
+    inv = inverse_count(total).astype(wide)
+    var_dtype = mom.var.dtype
+    pooled = Moments((sums[0] * inv).astype(mom.mean.dtype), jnp.real(sums[1] * inv).astype(var_dtype),
+                     total.astype(w.dtype))
+    return pooled, jnp.real(sums[2] * inv).astype(var_dtype)
 
 
 def train(

@@ -74,8 +74,8 @@ from jaxbn._stats import (
     Moments,
     abs_sq,
     compute_moments,
-    inverse_count,
     paired_sums,
+    per_count,
     static_shape,
     view,
 )
@@ -220,13 +220,15 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
         keep = finite_or_kept(x, mask)
         dyn = jnp.where(keep, dyn, 0)
         xs = jnp.where(keep, x, _expand(mean, cfg.red).astype(x.dtype))
-    xv = v.of(xs).astype(sd)
-    dyf = v.of(dyn)
+    # The sums accumulate in at least float32 (a float16 sum overflows past 65504).
+    acc = _checks.stats_dtype(sd)
+    xv = v.of(xs).astype(acc)
+    dyf = v.of(dyn).astype(acc)
     # The two reductions of the backward pass, sum(dy) and sum(dy*(x-mu)), read
     # dy and x (see _backward_sums).
     if mask is None:
         col_dy, sum_dy_xc = lax.platform_dependent(
-            dyf, xv, mean, inv,
+            dyf, xv, mean.astype(acc), inv.astype(_checks.real_dtype(acc)),
             cpu=partial(_checked_backward_sums, v),
             default=partial(_backward_sums, v),
         )
@@ -234,9 +236,11 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
         # Every output depends on the statistics, masked-out ones too (they are
         # normalized like the others), so the sums run over all positions.
         col_dy = jnp.sum(dyf, axis=v.red)
-        sum_dy_xc = jnp.sum(dyf * (xv + v.bcast(-mean)), axis=v.red)
+        sum_dy_xc = jnp.sum(dyf * (xv + v.bcast(-mean.astype(acc))), axis=v.red)
+    # Per-feature work stays in the accumulation dtype; only dx is formed in sd.
+    inv_acc = inv.astype(_checks.real_dtype(acc))
     sum_dy = v.fold_sum(col_dy)
-    sum_dy_xhat = v.fold_sum(sum_dy_xc) * inv
+    sum_dy_xhat = v.fold_sum(sum_dy_xc) * inv_acc
     # dmom, the cotangent of the returned statistics, is taken by _stat_links.
     del dmom
     # dx needs sum_j(gamma_j * sum_dy_j) and sum_j(gamma_j * sum_dy_xhat_j) over the
@@ -244,15 +248,15 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
     # the shared statistics (gamma differs per device under vmap with per-member
     # parameters). scale/bias take the unweighted sums. One psum for all four.
     g = None if scale is None else scale.astype(sd)
-    parts = [sum_dy, sum_dy_xhat] + ([] if g is None else [g * sum_dy, g * sum_dy_xhat])
+    ga = None if g is None else g.astype(acc)
+    parts = [sum_dy, sum_dy_xhat] + ([] if g is None else [ga * sum_dy, ga * sum_dy_xhat])
     if cfg.axis_name is not None:
         parts = list(lax.psum(jnp.stack(parts), cfg.axis_name, axis_index_groups=cfg.axis_index_groups))
     tot_dy, tot_dy_xhat = parts[0], parts[1]
     g_dy, g_dy_xhat = parts[-2], parts[-1]
-    inv_m = inverse_count(count)
     a = inv if g is None else inv * g  # gamma * s
-    b = -inv * g_dy * inv_m
-    c = -inv * g_dy_xhat * inv_m * inv
+    b = per_count(-inv_acc * g_dy, count).astype(sd)
+    c = (per_count(-inv_acc * g_dy_xhat, count) * inv_acc).astype(sd)
     # dx = a*dy + b + c*(x - mu), in the input's layout (see apply_affine). The
     # statistics do not depend on masked-out x: there dx = a*dy only (zero when
     # the loss ignores those outputs, as it does padding).
@@ -373,10 +377,10 @@ def _mean_link(cfg: _Config, x, mask, mean, count):
 
 @_mean_link.defjvp
 def _mean_link_jvp(cfg: _Config, primals, tangents):
-    _, mask, _, count = primals
-    sd = count.dtype
+    _, mask, mean, count = primals
+    sd = mean.dtype
     # The primal goes through the link again, so that higher derivatives see it.
-    return _mean_link(cfg, *primals), _pooled_sum(cfg, tangents[0].astype(sd), mask) * inverse_count(count)
+    return _mean_link(cfg, *primals), per_count(_pooled_sum(cfg, tangents[0].astype(sd), mask), count)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -387,12 +391,12 @@ def _var_link(cfg: _Config, x, mask, mean, var, count):
 
 @_var_link.defjvp
 def _var_link_jvp(cfg: _Config, primals, tangents):
-    x, mask, mean, _, count = primals
-    sd = count.dtype
+    x, mask, mean, var, count = primals
+    sd = var.dtype
     d = x.astype(sd) - _expand(mean, cfg.red)
     if mask is not None:  # the transpose multiplies by d: no NaN padding in it
         d = jnp.where(jnp.asarray(mask, bool), d, 0)
-    return _var_link(cfg, *primals), 2 * _pooled_sum(cfg, tangents[0].astype(sd) * d, mask) * inverse_count(count)
+    return _var_link(cfg, *primals), 2 * per_count(_pooled_sum(cfg, tangents[0].astype(sd) * d, mask), count)
 
 
 def _batch_norm_linked(cfg: _Config, x, scale, bias, mask):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,17 +97,22 @@ def update_running_stats(
     bvar = bvar.astype(jnp.result_type(var))
     if mode == "ema":
         # Flax's exact arithmetic, so that results match flax.linen.BatchNorm bit for bit.
-        new_mean = momentum * mean + (1 - momentum) * bmean
-        new_var = momentum * var + (1 - momentum) * bvar
+        # (A momentum given as an array takes the statistics' dtypes.)
+        mm, mv = (momentum if isinstance(momentum, numbers.Real) else jnp.asarray(momentum).astype(t.dtype)
+                  for t in (mean, jnp.asarray(var)))
+        new_mean = mm * mean + (1 - mm) * bmean
+        new_var = mv * var + (1 - mv) * bvar
     else:
+        # In at least float32 (in bfloat16 a momentum of 0.999 rounds to 1), and
         # k >= 1 even for a (traced) negative count, so that w stays finite.
-        k = (jnp.zeros((), n.dtype) if count is None else jnp.maximum(jnp.asarray(count), 0).astype(n.dtype)) + 1
+        wdt = _checks.result_dtype(n, jnp.zeros((), jnp.float32))
+        k = (jnp.zeros((), wdt) if count is None else jnp.maximum(jnp.asarray(count), 0).astype(wdt)) + 1
         w = 1 / k
         if mode == "debiased":
             # (1 - m) / (1 - m**k) as expm1(log m) / expm1(k log m): accurate for m
             # near 1, and exactly 1 for the first batch; m = 0 gives 1 (log 0 = -inf);
             # m = 1 takes the limit 1 / k. (momentum may be traced: no Python branch.)
-            m = jnp.asarray(momentum, n.dtype)
+            m = jnp.asarray(momentum, wdt)
             log_m = jnp.log(m)
             w = jnp.where(m == 1, w, jnp.expm1(log_m) / jnp.expm1(k * log_m))
         # (1 - w) * old + w * batch: the first batch (w = 1) replaces the initial values exactly.

@@ -46,7 +46,8 @@ class Moments(NamedTuple):
       mean: the batch mean, one value per feature.
       var: the biased batch variance ``M2 / count`` (real, even for complex input).
       count: the number of (unmasked) elements reduced per feature, after any
-        cross-device merge; same dtype as ``var``.
+        cross-device merge; float, at least float32 (half precision cannot count
+        past 65504, nor exactly past 2048 or, for bfloat16, 256).
     """
 
     mean: jax.Array
@@ -57,6 +58,22 @@ class Moments(NamedTuple):
 def inverse_count(n: jax.Array) -> jax.Array:
     """``1 / n``, and 0 where nothing was counted (an empty or masked-out batch)."""
     return jnp.where(n > 0, 1 / jnp.maximum(n, 1), 0).astype(n.dtype)
+
+
+def count_dtype(dtype: Any) -> Any:
+    """The dtype counts are kept in for statistics of ``dtype``: its real dtype, at least float32."""
+    rdtype = _checks.real_dtype(dtype)
+    return rdtype if rdtype.itemsize >= 4 else jnp.dtype(jnp.float32)
+
+
+def per_count(v: jax.Array, n: jax.Array) -> jax.Array:
+    """``v / n`` (0 where n is 0) in ``v``'s dtype, computed in at least ``n``'s precision.
+
+    Counts are at least float32 (:func:`count_dtype`); ``1 / n`` in float16 is
+    subnormal, and so loses bits, beyond 16384 elements.
+    """
+    wide = _checks.result_dtype(v, n)
+    return (v.astype(wide) * inverse_count(n).astype(_checks.real_dtype(wide))).astype(v.dtype)
 
 
 def abs_sq(x: jax.Array) -> jax.Array:
@@ -352,6 +369,22 @@ def local_moments(
     fast_variance: bool,
     dtype: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """:func:`_local_moments`, accumulated in at least float32 whatever ``dtype`` (as ``jnp.sum``
+    accumulates half precision): a float16 sum overflows past 65504. The mean's parts are
+    cast to ``dtype``; ``M2``, a sum, stays in the accumulation dtype (the variance is cast)."""
+    acc = _checks.stats_dtype(dtype)
+    n, c, d, m2 = _local_moments(x, red, mask=mask, fast_variance=fast_variance, dtype=acc)
+    return n, c.astype(dtype), d.astype(dtype), m2
+
+
+def _local_moments(
+    x: jax.Array,
+    red: tuple[int, ...],
+    *,
+    mask: jax.Array | None,
+    fast_variance: bool,
+    dtype: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Returns this device's ``(count, c, mean - c, M2)``, reduced over ``red``, in ``dtype``.
 
     The mean comes in two parts: ``c``, the value the sums were centered on
@@ -370,10 +403,11 @@ def local_moments(
     ``E[x^2] - E[x]^2``.
     """
     rdtype = _checks.real_dtype(dtype)
+    cdtype = count_dtype(dtype)
     fshape = tuple(d for i, d in enumerate(x.shape) if i not in red)
     if static_shape(x.shape) and math.prod(x.shape[i] for i in red) == 0:
-        zeros = jnp.zeros(fshape, rdtype)
-        return zeros, jnp.zeros(fshape, dtype), jnp.zeros(fshape, dtype), zeros
+        zeros = jnp.zeros(fshape, dtype)
+        return jnp.zeros(fshape, cdtype), zeros, zeros, jnp.zeros(fshape, rdtype)
     v = view(x, red)
     xv = v.of(x).astype(dtype)
     size = v.column_size
@@ -384,10 +418,10 @@ def local_moments(
         # Their reductions are global (jit), so there is no merge to feed a correction.
         mean = jnp.sum(xv, axis=v.red) / size
         m2 = jnp.sum(abs_sq(xv - jnp.expand_dims(mean, v.red)), axis=v.red)
-        return jnp.full(fshape, size, rdtype), mean, jnp.zeros_like(mean), m2
+        return jnp.full(fshape, size, cdtype), mean, jnp.zeros_like(mean), m2
 
     if mask is None:
-        n = jnp.full(fshape, v.count, rdtype)
+        n = jnp.full(fshape, v.count, cdtype)
         if fast_variance:
             mean, m2, _ = _plain_sums(xv, v)
             return n, mean, jnp.zeros_like(mean), m2
@@ -398,17 +432,16 @@ def local_moments(
     # The mean first (two passes), so that no masked value can act as a shift;
     # every column of a feature is centered on that feature's mean.
     valid = v.of(jnp.broadcast_to(jnp.asarray(mask, bool), x.shape))
-    n = v.fold_sum(jnp.sum(valid, axis=v.red, dtype=rdtype))
-    inv_n = inverse_count(n)
+    n = v.fold_sum(jnp.sum(valid, axis=v.red, dtype=cdtype))
     xs = jnp.where(valid, xv, 0)
-    mean = v.fold_sum(jnp.sum(xs, axis=v.red)) * inv_n
+    mean = per_count(v.fold_sum(jnp.sum(xs, axis=v.red)), n)
     if fast_variance:
         s2 = v.fold_sum(jnp.sum(abs_sq(xs), axis=v.red))
-        return n, mean, jnp.zeros_like(mean), jnp.maximum(s2 - n * abs_sq(mean), 0)
+        return n, mean, jnp.zeros_like(mean), jnp.maximum(s2 - n.astype(rdtype) * abs_sq(mean), 0)
     c = v.bcast(mean)
     r, q = paired_sums(jnp.where(valid, xv - c, 0), abs_sq(jnp.where(valid, xv + (-c), 0)), v.red)
     r, q = v.fold_sum(r), v.fold_sum(q)
-    return n, mean, r * inv_n, jnp.maximum(q - abs_sq(r) * inv_n, 0)
+    return n, mean, per_count(r, n), jnp.maximum(q - per_count(abs_sq(r), n), 0)
 
 
 def merge_moments(
@@ -430,12 +463,15 @@ def merge_moments(
     ``M2 = sum M2_d + sum n_d |e_d - e|^2``.
     """
     complex_mean = jnp.iscomplexobj(c) or jnp.iscomplexobj(d)
+    mean_dtype, m2_dtype = _checks.result_dtype(c, d), m2.dtype
     if complex_mean:
-        c, d = c.astype(jnp.result_type(c, d)), d.astype(jnp.result_type(c, d))
+        c, d = c.astype(mean_dtype), d.astype(mean_dtype)
         parts = [n, lax.real(c), lax.imag(c), lax.real(d), lax.imag(d), m2]
     else:
         parts = [n, c, d, m2]
-    pack = jnp.stack(parts)
+    # One buffer in the widest dtype (counts are at least float32, see count_dtype).
+    wide = _checks.result_dtype(*parts)
+    pack = jnp.stack([p.astype(wide) for p in parts])
     size = lax.axis_size(axis_name)
     _checks.check_groups(axis_index_groups, size)
     slots = jnp.zeros((size,) + pack.shape, pack.dtype)
@@ -460,10 +496,9 @@ def merge_moments(
     ref = jnp.take_along_axis(cs, jnp.argmax(ns, axis=0)[None], axis=0)[0]
     es = (cs - ref) + ds
     total = jnp.sum(ns, axis=0)
-    inv = inverse_count(total)
-    e = jnp.sum(ns * es, axis=0) * inv
+    e = per_count(jnp.sum(ns * es, axis=0), total)
     pooled_m2 = jnp.sum(m2s, axis=0) + jnp.sum(ns * abs_sq(es - e), axis=0)
-    return total, ref + e, pooled_m2
+    return total.astype(n.dtype), (ref + e).astype(mean_dtype), pooled_m2.astype(m2_dtype)
 
 
 def compute_moments(
@@ -483,8 +518,7 @@ def compute_moments(
         mean = c + d
     else:
         n, mean, m2 = merge_moments(n, c, d, m2, axis_name, axis_index_groups)
-    inv = inverse_count(n)
-    return Moments(mean, m2 * inv, n)
+    return Moments(mean, per_count(m2, n).astype(_checks.real_dtype(dtype)), n)
 
 
 def moments(

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.module import first_from
 from jax.nn import initializers
@@ -29,6 +30,8 @@ _NO_MODE_MSG = (
 def _feature_shape(num_features: Any) -> tuple[int, ...]:
     if isinstance(num_features, numbers.Integral):
         raw = (num_features,)
+    elif isinstance(num_features, np.ndarray) and num_features.ndim <= 1:
+        raw = tuple(num_features.reshape(-1).tolist())
     else:
         raw = tuple(num_features) if isinstance(num_features, (tuple, list)) else ()
     if not raw or not all(isinstance(n, numbers.Integral) and n > 0 for n in raw):
@@ -43,6 +46,8 @@ def _check_axis(axis: Any, fshape: tuple[int, ...]) -> tuple[int, ...]:
     """Construction-time axis checks (the range is checked against the input rank at call time)."""
     if isinstance(axis, numbers.Integral):
         raw = (axis,)
+    elif isinstance(axis, np.ndarray) and axis.ndim <= 1:
+        raw = tuple(axis.reshape(-1).tolist())
     else:
         raw = tuple(axis) if isinstance(axis, (tuple, list)) else ()
     if not raw or not all(isinstance(a, numbers.Integral) for a in raw):

@@ -656,6 +656,41 @@ def test_bad_arguments_get_errors_that_name_them(call, error, message):
         call(jnp.ones((4, 3)))
 
 
+def test_valid_scalars_and_axes_of_other_types_are_accepted():
+    """bfloat16 and 0-d JAX/NumPy scalars for epsilon and momentum, NumPy axes (as flax takes them)."""
+    x = jax.random.normal(jax.random.key(0), (8, 3, 2))
+    y, _ = jaxbn.batch_norm(x, epsilon=jnp.bfloat16(1e-3), axis=np.array([1, 2]))
+    y_ref, _ = jaxbn.batch_norm(x, epsilon=float(jnp.bfloat16(1e-3)), axis=(1, 2))
+    np.testing.assert_array_equal(y, y_ref)
+    mom = jaxbn.moments(x, axis=(1, 2))
+    for m in (jnp.bfloat16(0.5), np.float32(0.5), jnp.asarray(0.5)):
+        mean, _, _ = jaxbn.update_running_stats(jnp.zeros((3, 2)), jnp.ones((3, 2)), mom, momentum=m)
+        np.testing.assert_allclose(mean, 0.5 * mom.mean, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_statistics_of_large_batches(dtype):
+    """stats_dtype float16/bfloat16 (force_float32_reductions=False): counts are float32 and the
+    sums accumulate in float32. In float16 the count and the sums overflowed past 65504 (NaN
+    statistics, -inf outputs, inf gradients); in bfloat16 counts are not exact past 256."""
+    x32 = jax.random.normal(jax.random.key(0), (70001, 2)) + 1
+    x = x32.astype(dtype)
+    y, mom = jaxbn.batch_norm(x, stats_dtype=dtype)
+    assert mom.count.dtype == jnp.float32 and mom.mean.dtype == dtype and mom.var.dtype == dtype
+    np.testing.assert_array_equal(mom.count, 70001)
+    xd = np.asarray(x.astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(np.asarray(mom.mean, np.float64), xd.mean(0), rtol=1e-2)
+    np.testing.assert_allclose(np.asarray(mom.var, np.float64), xd.var(0), rtol=1e-2)
+    g = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, stats_dtype=dtype)[0].astype(jnp.float32) ** 3))(x)
+    assert bool(jnp.all(jnp.isfinite(y.astype(jnp.float32)))) and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
+    # The debiased running average keeps its weights in float32: in bfloat16 a momentum of
+    # 0.999 rounds to 1 (the cumulative average).
+    mean, _, _ = jaxbn.update_running_stats(jnp.zeros(2, dtype), jnp.ones(2, dtype), mom, momentum=0.999,
+                                            mode="debiased", count=jnp.full(2, 1000))
+    w = (1 - 0.999) / (1 - 0.999**1001)
+    np.testing.assert_allclose(np.asarray(mean, np.float64), w * np.asarray(mom.mean, np.float64), rtol=2e-2)
+
+
 def test_traced_negative_count_cannot_make_running_stats_nan():
     f = jax.jit(lambda c: jaxbn.update_running_stats(jnp.zeros(3), jnp.ones(3), jaxbn.moments(jnp.arange(12.0).reshape(4, 3)),
                                                    mode="cumulative", count=c))
