@@ -458,7 +458,9 @@ def batch_norm(
       axis_index_groups: groups of device indices pooled separately.
       mask: boolean (or integer) array broadcastable to ``x``; True (nonzero) marks elements to use.
       fast_variance: use the one-pass ``E[x^2] - E[x]^2`` variance.
-      stats_dtype: dtype of the statistics (default: at least float32).
+      stats_dtype: dtype of the statistics and of their per-feature arithmetic (default:
+        at least float32); the sums over the batch accumulate in at least float32
+        whatever it is, and ``count`` is at least float32.
 
     Returns:
       ``(y, Moments(mean, var, count))``; y has the standard promotion of x,

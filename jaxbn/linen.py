@@ -101,7 +101,10 @@ class BatchNorm(nn.Module):
       axis_name: mapped axis name(s) over which batch statistics are pooled.
       axis_index_groups: groups of device indices pooled separately.
       use_fast_variance: one-pass variance (faster on some backends, unstable).
-      force_float32_reductions: accumulate statistics in at least float32.
+      force_float32_reductions: keep the statistics and running statistics in at least
+        float32 (default). With False, as in flax, the statistics take ``dtype`` (else
+        the input's) and the running statistics ``param_dtype``; the sums over the
+        batch still accumulate in float32, as ``jnp.sum`` does for half precision.
       running_average: ``"ema"`` (default), ``"debiased"`` (the zero-debiased
         ema, Haiku's: the first batch replaces the initial values, later ones
         are averaged with weights ``momentum**age``; adds ``batch_stats/count``)
