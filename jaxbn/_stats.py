@@ -370,11 +370,10 @@ def local_moments(
     dtype: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """:func:`_local_moments`, accumulated in at least float32 whatever ``dtype`` (as ``jnp.sum``
-    accumulates half precision): a float16 sum overflows past 65504. The mean's parts are
-    cast to ``dtype``; ``M2``, a sum, stays in the accumulation dtype (the variance is cast)."""
-    acc = _checks.stats_dtype(dtype)
-    n, c, d, m2 = _local_moments(x, red, mask=mask, fast_variance=fast_variance, dtype=acc)
-    return n, c.astype(dtype), d.astype(dtype), m2
+    accumulates half precision): a float16 sum overflows past 65504. The results stay in
+    that accumulation dtype (``c`` rounded to float16 would no longer match ``d``);
+    :func:`compute_moments` casts the mean and variance to ``dtype`` at the end."""
+    return _local_moments(x, red, mask=mask, fast_variance=fast_variance, dtype=_checks.stats_dtype(dtype))
 
 
 def _local_moments(
@@ -518,7 +517,7 @@ def compute_moments(
         mean = c + d
     else:
         n, mean, m2 = merge_moments(n, c, d, m2, axis_name, axis_index_groups)
-    return Moments(mean, per_count(m2, n).astype(_checks.real_dtype(dtype)), n)
+    return Moments(mean.astype(dtype), per_count(m2, n).astype(_checks.real_dtype(dtype)), n)
 
 
 def moments(

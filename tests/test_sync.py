@@ -715,6 +715,17 @@ GROUPS = [
 ]
 
 
+def test_half_precision_statistics_merge_at_a_large_offset():
+    """stats_dtype float16 under axis_name: the merge works on the float32 parts of each
+    device's mean (rounding the shift to float16 first cost 25x the single-device error)."""
+    x = (np.random.default_rng(1).normal(size=(D, 16, 4)) * 0.25 + 40).astype(np.float16)
+    ref = x.astype(np.float64).reshape(-1, 4).var(0)
+    f = jax.vmap(lambda x: jaxbn.batch_norm(x, stats_dtype=jnp.float16, axis_name="d")[1], axis_name="d")
+    var = np.asarray(f(jnp.asarray(x)).var[0], np.float64)
+    one = np.asarray(jaxbn.batch_norm(jnp.asarray(x.reshape(-1, 4)), stats_dtype=jnp.float16)[1].var, np.float64)
+    assert np.max(np.abs(var / ref - 1)) <= 1.5 * np.max(np.abs(one / ref - 1)) + 1e-3
+
+
 def test_axis_index_groups_must_cover_every_device():
     """Groups that leave devices out passed JAX's trace-time checks and crashed in XLA."""
     x = _normal(0, (D, 4, 3))
