@@ -160,3 +160,11 @@ def check_groups(groups: Any, size: int) -> None:
             f"`axis_index_groups` must split the {size} device indices of the axis into groups "
             f"(every index in 0..{size - 1} exactly once), got {groups!r}."
         )
+
+
+def like(value: Any, ref: Any) -> Any:
+    """A Python number as it is (weakly typed); an array-valued ``value`` (a bfloat16 scalar, a
+    per-feature epsilon) cast to ``ref``'s dtype, so that strict dtype promotion accepts the sum."""
+    if isinstance(value, numbers.Real):
+        return value
+    return jnp.asarray(value).astype(jnp.result_type(ref))

@@ -83,7 +83,8 @@ def renorm_clip(clipping: Mapping[str, float] | None) -> tuple[float, float, flo
 
 def infer(x, mean, var, scale, bias, lay: Layout, epsilon, out_dtype):
     """Inference mode: normalize with the given (running) statistics."""
-    inv = lax.rsqrt(var.astype(_checks.real_dtype(lay.sdtype)) + epsilon)
+    var = var.astype(_checks.real_dtype(lay.sdtype))
+    inv = lax.rsqrt(var + _checks.like(epsilon, var))
     return _ops.apply_affine(x, mean.astype(lay.sdtype), inv, scale, bias, lay.red, out_dtype, lay.sdtype)
 
 
@@ -235,7 +236,7 @@ def train(
         if renorm is not None:
             rmax, rmin, dmax = renorm_clip(renorm_clipping)
             moving_mean, moving_std = (expand(v.astype(sd)) for v in renorm)
-            std_b = jnp.sqrt(mom.var + epsilon)
+            std_b = jnp.sqrt(mom.var + _checks.like(epsilon, mom.var))
             a = lax.stop_gradient(jnp.clip(std_b / moving_std, rmin, rmax)).astype(sd)
             b = lax.stop_gradient(jnp.clip((mom.mean - moving_mean) / moving_std, -dmax, dmax)).astype(sd)
         bshape = tuple(xk.shape[i] if i not in red else 1 for i in range(xk.ndim))
@@ -269,7 +270,7 @@ def train(
         batch = mom
     rmean = rstd = None
     if renorm is not None:
-        rmean, rstd = batch.mean, jnp.sqrt(batch.var + epsilon)
+        rmean, rstd = batch.mean, jnp.sqrt(batch.var + _checks.like(epsilon, batch.var))
     return TrainOut(y, batch, rmean, rstd, unbiased_var)
 
 
@@ -334,7 +335,7 @@ def update_running(
     rn_mean, rn_std = state.renorm_mean, state.renorm_std
     if rn_mean is not None:
         seen = batch.count > 0
-        m = renorm_momentum
+        m = _checks.like(renorm_momentum, rn_mean)
         # In the averages' own dtype (float32 even for float64 input under x64).
         b_mean = lax.stop_gradient(out.renorm_mean).astype(rn_mean.dtype)
         b_std = lax.stop_gradient(out.renorm_std).astype(rn_std.dtype)

@@ -257,8 +257,9 @@ class BatchNorm(nnx.Module):
         if renorm:
             _checks.check_momentum(renorm_momentum, name="renorm_momentum")
         if renorm_clipping is not None:
-            _layer.renorm_clip(renorm_clipping)
-            renorm_clipping = dict(renorm_clipping)
+            # Stored as the validated Python floats: array scalars would be data in a
+            # static attribute, which nnx refuses.
+            renorm_clipping = dict(zip(("rmax", "rmin", "dmax"), _layer.renorm_clip(renorm_clipping)))
         _layer.check_virtual_batch_size(virtual_batch_size)
 
         def stat(fill, dtype=_STATS_DTYPE):

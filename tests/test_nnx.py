@@ -338,6 +338,16 @@ def test_complex_input_keeps_a_complex_running_mean():
     np.testing.assert_allclose(bn.mean[...], upd["batch_stats"]["mean"], rtol=1e-6)
 
 
+def test_renorm_clipping_takes_array_scalars():
+    """Array scalars in renorm_clipping (as linen takes them) were refused as data in a static attribute."""
+    x = jax.random.normal(jax.random.key(0), (8, 4))
+    clip = {"rmax": jnp.asarray(2.0), "dmax": np.array(3.0)}
+    bn = jbn.BatchNorm(4, renorm=True, renorm_clipping=clip, use_running_average=False, rngs=nnx.Rngs(0))
+    lin = jaxbn.BatchNorm(renorm=True, renorm_clipping=clip, use_running_average=False)
+    y_lin, _ = lin.apply(lin.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+    np.testing.assert_allclose(bn(x), y_lin, rtol=1e-6)
+
+
 def test_running_variance_of_the_wrong_shape_is_rejected():
     bn = jbn.BatchNorm(4, use_running_average=True, rngs=nnx.Rngs(0))
     bn.var = nnx.BatchStat(jnp.ones((1,)))

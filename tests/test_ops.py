@@ -662,6 +662,12 @@ def test_valid_scalars_and_axes_of_other_types_are_accepted():
     y, _ = jaxbn.batch_norm(x, epsilon=jnp.bfloat16(1e-3), axis=np.array([1, 2]))
     y_ref, _ = jaxbn.batch_norm(x, epsilon=float(jnp.bfloat16(1e-3)), axis=(1, 2))
     np.testing.assert_array_equal(y, y_ref)
+    # Under the tests' strict dtype promotion too: an array-valued epsilon takes the statistics' dtype.
+    y = jaxbn.normalize(x, jnp.zeros((3, 2)), jnp.ones((3, 2)), axis=(1, 2), epsilon=jnp.bfloat16(1e-3))
+    np.testing.assert_allclose(y, x / np.sqrt(1 + float(jnp.bfloat16(1e-3))), rtol=1e-6)
+    bn = jaxbn.BatchNorm(epsilon=jnp.bfloat16(1e-3), renorm=True, renorm_momentum=jnp.bfloat16(0.5))
+    v = bn.init(jax.random.key(0), x, True)
+    bn.apply(v, x, False, mutable=["batch_stats"])
     mom = jaxbn.moments(x, axis=(1, 2))
     for m in (jnp.bfloat16(0.5), np.float32(0.5), jnp.asarray(0.5)):
         mean, _, _ = jaxbn.update_running_stats(jnp.zeros((3, 2)), jnp.ones((3, 2)), mom, momentum=m)
