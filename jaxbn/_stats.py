@@ -369,22 +369,12 @@ def local_moments(
     fast_variance: bool,
     dtype: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """:func:`_local_moments`, accumulated in at least float32 whatever ``dtype`` (as ``jnp.sum``
-    accumulates half precision): a float16 sum overflows past 65504. The results stay in
-    that accumulation dtype (``c`` rounded to float16 would no longer match ``d``);
-    :func:`compute_moments` casts the mean and variance to ``dtype`` at the end."""
-    return _local_moments(x, red, mask=mask, fast_variance=fast_variance, dtype=_checks.stats_dtype(dtype))
+    """Returns this device's ``(count, c, mean - c, M2)``, reduced over ``red``.
 
-
-def _local_moments(
-    x: jax.Array,
-    red: tuple[int, ...],
-    *,
-    mask: jax.Array | None,
-    fast_variance: bool,
-    dtype: Any,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Returns this device's ``(count, c, mean - c, M2)``, reduced over ``red``, in ``dtype``.
+    They are accumulated, and returned, in at least float32 whatever ``dtype``
+    (as ``jnp.sum`` accumulates half precision: a float16 sum overflows past
+    65504; and ``c`` rounded to float16 would no longer match ``mean - c``);
+    :func:`compute_moments` casts the mean and variance to ``dtype`` at the end.
 
     The mean comes in two parts: ``c``, the value the sums were centered on
     (the mean itself where they were not), and the small correction
@@ -401,6 +391,7 @@ def _local_moments(
     cannot slice it). ``fast_variance=True`` is the plain one-pass
     ``E[x^2] - E[x]^2``.
     """
+    dtype = _checks.stats_dtype(dtype)
     rdtype = _checks.real_dtype(dtype)
     cdtype = count_dtype(dtype)
     fshape = tuple(d for i, d in enumerate(x.shape) if i not in red)

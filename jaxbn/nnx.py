@@ -27,13 +27,17 @@ _NO_MODE_MSG = (
 )
 
 
+def _int_tuple(value: Any) -> tuple[Any, ...]:
+    """An int, a tuple/list or a NumPy vector as a tuple of its entries (empty for anything else)."""
+    if isinstance(value, numbers.Integral):
+        return (value,)
+    if isinstance(value, np.ndarray) and value.ndim <= 1:
+        return tuple(value.reshape(-1).tolist())
+    return tuple(value) if isinstance(value, (tuple, list)) else ()
+
+
 def _feature_shape(num_features: Any) -> tuple[int, ...]:
-    if isinstance(num_features, numbers.Integral):
-        raw = (num_features,)
-    elif isinstance(num_features, np.ndarray) and num_features.ndim <= 1:
-        raw = tuple(num_features.reshape(-1).tolist())
-    else:
-        raw = tuple(num_features) if isinstance(num_features, (tuple, list)) else ()
+    raw = _int_tuple(num_features)
     if not raw or not all(isinstance(n, numbers.Integral) and n > 0 for n in raw):
         raise ValueError(
             f"`num_features` must be a positive int, or a tuple of them (one per feature "
@@ -44,12 +48,7 @@ def _feature_shape(num_features: Any) -> tuple[int, ...]:
 
 def _check_axis(axis: Any, fshape: tuple[int, ...]) -> tuple[int, ...]:
     """Construction-time axis checks (the range is checked against the input rank at call time)."""
-    if isinstance(axis, numbers.Integral):
-        raw = (axis,)
-    elif isinstance(axis, np.ndarray) and axis.ndim <= 1:
-        raw = tuple(axis.reshape(-1).tolist())
-    else:
-        raw = tuple(axis) if isinstance(axis, (tuple, list)) else ()
+    raw = _int_tuple(axis)
     if not raw or not all(isinstance(a, numbers.Integral) for a in raw):
         raise ValueError(f"`axis` must be an int or a non-empty tuple of ints, got {axis!r}.")
     if len(set(raw)) != len(raw):
