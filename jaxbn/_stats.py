@@ -462,7 +462,13 @@ def merge_moments(
     # One buffer in the widest dtype (counts are at least float32, see count_dtype).
     wide = _checks.result_dtype(*parts)
     pack = jnp.stack([p.astype(wide) for p in parts])
-    size = lax.axis_size(axis_name)
+    try:
+        size = lax.axis_size(axis_name)
+    except NameError as e:
+        raise NameError(
+            f"`axis_name`={axis_name!r} is not bound here ({e}): call inside jax.pmap, jax.vmap or "
+            "shard_map over that axis, or pass axis_name=None (under jit with sharded inputs none is needed)."
+        ) from e
     _checks.check_groups(axis_index_groups, size)
     slots = jnp.zeros((size,) + pack.shape, pack.dtype)
     slots = lax.dynamic_update_index_in_dim(slots, pack, lax.axis_index(axis_name), 0)

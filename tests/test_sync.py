@@ -726,6 +726,11 @@ def test_half_precision_statistics_merge_at_a_large_offset():
     assert np.max(np.abs(var / ref - 1)) <= 1.5 * np.max(np.abs(one / ref - 1)) + 1e-3
 
 
+def test_unbound_axis_name_is_named():
+    with pytest.raises(NameError, match="`axis_name`='batch' is not bound"):
+        jaxbn.batch_norm(jnp.ones((4, 3)), axis_name="batch")
+
+
 def test_axis_index_groups_must_cover_every_device():
     """Groups that leave devices out passed JAX's trace-time checks and crashed in XLA."""
     x = _normal(0, (D, 4, 3))
