@@ -21,7 +21,7 @@ from jax import lax
 
 from jaxbn import _checks, _ops
 from jaxbn._running import update_running_stats
-from jaxbn._stats import Moments, inverse_count
+from jaxbn._stats import Moments, per_count
 
 
 class Layout(NamedTuple):
@@ -67,13 +67,12 @@ def renorm_clip(clipping: Mapping[str, float] | None) -> tuple[float, float, flo
             f"`renorm_clipping` keys must be among 'rmax', 'rmin', 'dmax', got {sorted(unknown)}."
         )
     rmax, rmin, dmax = clipping.get("rmax", math.inf), clipping.get("rmin", 0.0), clipping.get("dmax", math.inf)
-    rmax, rmin, dmax = (
-        float(_checks.real_numbers(v, "renorm_clipping", f"a dict of real numbers (got {clipping})").reshape(()))
-        if np.ndim(v) == 0 else v
-        for v in (rmax, rmin, dmax)
-    )
-    if not all(isinstance(v, float) for v in (rmax, rmin, dmax)):
-        raise TypeError(f"`renorm_clipping` values must be real numbers, got {clipping}.")
+    def number(v):
+        if np.ndim(v) != 0:
+            raise TypeError(f"`renorm_clipping` values must be real numbers, got {clipping}.")
+        return float(_checks.real_numbers(v, "renorm_clipping", f"a dict of real numbers (got {clipping})"))
+
+    rmax, rmin, dmax = number(rmax), number(rmin), number(dmax)
     if not (0 <= rmin <= 1 <= rmax) or not dmax >= 0:  # "not >=" also rejects NaN
         raise ValueError(
             f"`renorm_clipping` needs 0 <= rmin <= 1 <= rmax and dmax >= 0, got {clipping}."
@@ -142,11 +141,9 @@ def _ghost_reduce(mom: Moments, axis_name, groups) -> tuple[Moments, jax.Array]:
     if axis_name is not None:
         sums = lax.psum(sums, axis_name, axis_index_groups=groups)
     total = jnp.real(sums[3])
-    inv = inverse_count(total).astype(wide)
-    var_dtype = mom.var.dtype
-    pooled = Moments((sums[0] * inv).astype(mom.mean.dtype), jnp.real(sums[1] * inv).astype(var_dtype),
-                     total.astype(w.dtype))
-    return pooled, jnp.real(sums[2] * inv).astype(var_dtype)
+    mean, var, unbiased = (per_count(t, total) for t in sums[:3])
+    pooled = Moments(mean.astype(mom.mean.dtype), jnp.real(var).astype(mom.var.dtype), total.astype(w.dtype))
+    return pooled, jnp.real(unbiased).astype(mom.var.dtype)
 
 
 def train(

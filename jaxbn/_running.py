@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,8 +96,7 @@ def update_running_stats(
     if mode == "ema":
         # Flax's exact arithmetic, so that results match flax.linen.BatchNorm bit for bit.
         # (A momentum given as an array takes the statistics' dtypes.)
-        mm, mv = (momentum if isinstance(momentum, numbers.Real) else jnp.asarray(momentum).astype(t.dtype)
-                  for t in (mean, jnp.asarray(var)))
+        mm, mv = _checks.like(momentum, mean), _checks.like(momentum, var)
         new_mean = mm * mean + (1 - mm) * bmean
         new_var = mv * var + (1 - mv) * bvar
     else:
