@@ -146,6 +146,17 @@ def result_dtype(*arrays: Any) -> np.dtype:
         return np.dtype(jnp.result_type(*[a for a in arrays if a is not None]))
 
 
+def widens(src: Any, dst: Any) -> bool:
+    """True when every value of dtype ``src`` is exactly a value of dtype ``dst`` (real floats)."""
+    src, dst = np.dtype(src), np.dtype(dst)
+    if src == dst:
+        return True
+    if not (jnp.issubdtype(src, jnp.floating) and jnp.issubdtype(dst, jnp.floating)):
+        return False
+    a, b = jnp.finfo(src), jnp.finfo(dst)
+    return a.nmant <= b.nmant and a.maxexp <= b.maxexp and a.minexp >= b.minexp
+
+
 def real_dtype(dtype: Any) -> np.dtype:
     return np.dtype(jnp.finfo(dtype).dtype)
 

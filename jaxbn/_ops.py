@@ -223,19 +223,21 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
         xs = jnp.where(keep, x, _expand(mean, cfg.red).astype(x.dtype))
     # The sums accumulate in at least float32 (a float16 sum overflows past 65504).
     acc = _checks.stats_dtype(sd)
-    xv = v.of(xs).astype(acc)
-    dyf = v.of(dyn).astype(acc)
     # The two reductions of the backward pass, sum(dy) and sum(dy*(x-mu)), read
-    # dy and x (see _backward_sums).
+    # dy and x (see _backward_sums), cast to acc inside the kernels.
     if mask is None:
+        # dy itself where its cast to sd is exact (a half-precision dy reaches the
+        # kernels uncast; see _checked_backward_sums).
+        dy_in = dy if _checks.widens(dy.dtype, sd) else dyn
         col_dy, sum_dy_xc = lax.platform_dependent(
-            dyf, xv, mean.astype(acc), inv.astype(_checks.real_dtype(acc)),
+            v.of(dy_in), v.of(xs), mean.astype(acc), inv.astype(_checks.real_dtype(acc)),
             cpu=partial(_checked_backward_sums, v),
             default=partial(_backward_sums, v),
         )
     else:
         # Every output depends on the statistics, masked-out ones too (they are
         # normalized like the others), so the sums run over all positions.
+        xv, dyf = v.of(xs).astype(acc), v.of(dyn).astype(acc)
         col_dy = jnp.sum(dyf, axis=v.red)
         sum_dy_xc = jnp.sum(dyf * (xv + v.bcast(-mean.astype(acc))), axis=v.red)
     # Per-feature work stays in the accumulation dtype; only dx is formed in sd.
@@ -276,17 +278,24 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
     return dx.astype(x.dtype), dscale, dbias, None
 
 
-def _backward_sums(v, dyf, xv, mean, inv):
+def _cast(dy, x, mean) -> bool:
+    """True when the backward sums read a cast of dy or x (see ``jaxbn._stats.paired_sums``'s any_size)."""
+    return dy.dtype != mean.dtype or x.dtype != mean.dtype
+
+
+def _backward_sums(v, dy, x, mean, inv):
     """Per-column ``sum(dy)`` and ``sum(dy * (x - mu))`` (dy and x seen through the View ``v``).
 
+    dy and x are cast to the dtype of ``mean`` (the accumulation dtype) here.
     ``x + (-mu)`` keeps its broadcast apart from the ``x - mu`` of dx, so XLA
     fuses each into its consumer instead of materializing a full-size x - mu.
     """
     del inv
-    return paired_sums(dyf, dyf * (xv + v.bcast(-mean)), v.red)
+    dyf, xv = dy.astype(mean.dtype), x.astype(mean.dtype)
+    return paired_sums(dyf, dyf * (xv + v.bcast(-mean)), v.red, any_size=_cast(dy, x, mean))
 
 
-def _checked_backward_sums(v, dyf, xv, mean, inv):
+def _checked_backward_sums(v, dy, x, mean, inv):
     """:func:`_backward_sums` on CPU: both sums in one read of dy and x (``jaxbn._stats.paired_sums``).
 
     XLA:CPU reads ``dy * x`` at full memory speed but slows down on a broadcast
@@ -296,15 +305,20 @@ def _checked_backward_sums(v, dyf, xv, mean, inv):
     ``|mu|^2 <= WELL_CONDITIONED * (var + eps)`` for every feature that is as
     accurate as the forward's statistics (see ``jaxbn._stats.WELL_CONDITIONED``);
     otherwise a ``lax.cond`` takes the centered sum.
+
+    dy and x are cast to the accumulation dtype (that of ``mean``) inside each
+    branch: an operand of a ``lax.cond`` is materialized, so cast ones would
+    be full-size float32 copies of half-precision tensors, written on every call.
     """
     ok = jnp.all(abs_sq(mean * inv) <= WELL_CONDITIONED)
     mean_col = jnp.squeeze(v.bcast(mean), v.red)
 
     def uncentered():
-        col_dy, s = paired_sums(dyf, dyf * xv, v.red)
+        dyf = dy.astype(mean.dtype)
+        col_dy, s = paired_sums(dyf, dyf * x.astype(mean.dtype), v.red, any_size=_cast(dy, x, mean))
         return col_dy, s - mean_col * col_dy
 
-    return lax.cond(ok, uncentered, lambda: _backward_sums(v, dyf, xv, mean, inv))
+    return lax.cond(ok, uncentered, lambda: _backward_sums(v, dy, x, mean, inv))
 
 
 def _varying(t) -> frozenset:

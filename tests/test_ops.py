@@ -1,6 +1,7 @@
 """Pure functions: forward against NumPy, hand-derived backward against autodiff, numerics, errors."""
 
 import contextlib
+import math
 import os
 import subprocess
 import sys
@@ -510,6 +511,46 @@ def test_half_precision_gives_float32_statistics(dtype):
     assert g.dtype == dtype and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
     mean, var, _ = jaxbn.update_running_stats(jnp.zeros(16), jnp.ones(16), mom)
     assert mean.dtype == jnp.float32 and var.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("shape", [(4096, 512), (128, 28, 28, 32)])  # below and above PAIRED_MAX_SIZE
+def test_half_precision_fwdbwd_makes_no_float32_copy(dtype, shape):
+    """The float32 sums of half-precision x and dy (a half-precision model: y in x's dtype)
+    cast them on the fly: no float32 copy of either is written. A cast operand of the
+    run-time accuracy check (a lax.cond) and, above PAIRED_MAX_SIZE, XLA's YNNPACK
+    reductions each materialized one (bfloat16 (4096, 512): 16 MiB of temporaries)."""
+    from jaxbn import _stats
+
+    def loss(x, scale, w):
+        y, _ = jaxbn.batch_norm(x, scale)
+        return jnp.sum(y.astype(jnp.float32) * w.astype(jnp.float32))
+
+    c = shape[-1]
+    args = (jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct((c,), dtype), jax.ShapeDtypeStruct(shape, dtype))
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
+    f32_copy = math.prod(shape) * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < f32_copy / 8
+    assert (math.prod(shape) > _stats.PAIRED_MAX_SIZE) == (shape == (128, 28, 28, 32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+def test_half_precision_statistics_and_gradients_at_any_offset(dtype, offset):
+    """Both sides of the run-time accuracy check on half-precision data (cast inside the
+    check's branches): float32 results equal float64 ones computed from the same values."""
+    x, w, _ = _offset_problem(offset)
+    x, w = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+    mean, var, dx, dscale, dbias = _np_fwdbwd(np.asarray(x.astype(jnp.float32)), np.asarray(w.astype(jnp.float32)))
+
+    def loss(x, scale, bias):
+        y, mom = jaxbn.batch_norm(x, scale, bias)
+        return jnp.sum(y.astype(jnp.float32) * w.astype(jnp.float32)), mom
+
+    (gx, gs, gb), mom = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(x, jnp.ones(8), jnp.zeros(8))
+    assert _rel(mom.var, var) < 3e-6 and np.max(np.abs(np.asarray(mom.mean, np.float64) - mean)) < 1e-5 * (1 + offset)
+    assert _rel(gs, dscale) < 1e-4 and _rel(gb, dbias) < 3e-6
+    assert gx.dtype == dtype and _rel(gx.astype(jnp.float32), dx) < 1e-2  # dx rounded to dtype
 
 
 def test_all_masked_batch_is_finite():
