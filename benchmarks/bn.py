@@ -21,6 +21,8 @@ reduce     XLA's per-feature sums with and without a broadcast operand (why
            jaxbn's CPU kernels use plain sums).
 chain      fwd+bwd of 4 layers of BN -> relu in a row (no conv between), jaxbn.BatchNorm
            against flax.linen.BatchNorm: whether XLA recomputes earlier layers in later ones.
+half       the fwd+bwd of a bfloat16 model (x, y and dy in bfloat16, dtype=bfloat16,
+           float32 parameters and statistics): jaxbn.BatchNorm against flax.linen.BatchNorm.
 lenet      the LeNet + BN training step of the lenet_bn config (batch 64).
 sync       jaxbn vs flax under ``axis_name`` on 8 virtual devices (subprocess).
 
@@ -422,6 +424,63 @@ def section_chain(rep: Report, shapes, depth: int, budget: float) -> None:
     rep.data["chain"] = out
 
 
+#: Agreement tolerances of the bfloat16 section: y and dx are rounded to bfloat16
+#: (relative precision 2**-8), and each module rounds its own intermediates; the
+#: parameters' gradients are float32.
+HALF_TOL = {"y": 1e-2, "dx": 1.5e-2, "dscale": 1e-4, "dbias": 1e-4}
+
+
+def section_half(rep: Report, shapes, budget: float) -> None:
+    """Training-mode fwd+bwd of a bfloat16 model: ``jax.grad`` of ``sum(y * w)`` w.r.t. x and
+    the parameters, with x, w (so dy) and y in bfloat16 and ``dtype=bfloat16``.
+
+    Both modules are checked against a float64 reference computed from the same
+    bfloat16 values. Reported: time per call, full-size passes and kernels (in
+    bfloat16 tensor sizes) and compiled temporary memory.
+    """
+    import flax.linen as nn
+
+    import jaxbn
+
+    jnp = jax.numpy
+    bf16 = jnp.bfloat16
+    out = []
+    for shape in shapes:
+        print(f"half {shape_str(shape)} ...", flush=True)
+        where = f"half {shape_str(shape)}"
+        p = C.problem(shape)
+        x, w = jnp.asarray(p["x"], bf16), jnp.asarray(p["w"], bf16)
+        ref = C.reference_fwdbwd({**p, "x": np.asarray(x, np.float32), "w": np.asarray(w, np.float32)})
+        fns, hlo, temp = {}, {}, {}
+        for name, module in ((JAXBN_MOD, jaxbn.BatchNorm), (FLAX, nn.BatchNorm)):
+            try:
+                bn = module(use_running_average=False, epsilon=C.EPS, dtype=bf16)
+                v = bn.init(jax.random.key(0), x)
+                params = {"scale": jnp.asarray(p["scale"]), "bias": jnp.asarray(p["bias"])}
+
+                def loss(params, x, w, bn=bn, stats=v["batch_stats"]):
+                    y, _ = bn.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+                    return jnp.sum(y.astype(jnp.float32) * w.astype(jnp.float32)), y
+
+                compiled = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)).lower(params, x, w).compile()
+                (dp, dx), y = compiled(params, x, w)
+                rep.agree(where, name, {"y": y, "dx": dx, "dscale": dp["scale"], "dbias": dp["bias"]}, ref, HALF_TOL)
+                hlo[name] = H.hlo_traffic(compiled.as_text(), x.nbytes)
+                temp[name] = int(compiled.memory_analysis().temp_size_in_bytes)
+                fns[name] = lambda c=compiled, params=params: H.block(c(params, x, w))
+            except Exception as e:  # noqa: BLE001
+                rep.error(f"{where} {name}", e)
+        times = H.interleave(fns, warmup=2, min_rounds=5, max_rounds=300, budget_s=budget)
+        med = {k: H.median_us(v) for k, v in times.items()}
+        ratio = med[JAXBN_MOD] / med[FLAX] if {JAXBN_MOD, FLAX} <= med.keys() else None
+        out.append({"shape": list(shape), "nbytes": x.nbytes, "times_us": med, "hlo": hlo, "temp_bytes": temp,
+                    "jaxbn_over_flax": ratio, "rounds": len(next(iter(times.values()), []))})
+        print("   " + "  ".join(f"{k}: {fmt_us(v)}" for k, v in med.items()), flush=True)
+    rep.data["half"] = out
+    ratios = [e["jaxbn_over_flax"] for e in out if e["jaxbn_over_flax"]]
+    rep.data["half_geomean"] = H.geomean(ratios) if ratios else None
+
+
 def _lenet_costs(times: dict[str, list[float]], steps: int) -> dict[str, Any]:
     """Step times, BN cost and step / no-BN step (both paired per round) of one compile setting."""
     step_us = {k: H.median_us(v) / steps for k, v in times.items()}
@@ -745,6 +804,22 @@ def render(rep: Report) -> str:
             + table(["shape", "layers", JAXBN_MOD, FLAX, "jaxbn / flax",
                      f"{JAXBN_MOD} passes / kernels", f"{FLAX} passes / kernels"], rows)
         )
+    if d.get("half"):
+        rows = [
+            [shape_str(e["shape"]), f"{e['nbytes'] / 2**20:.2f} MiB"]
+            + [fmt_us(e["times_us"].get(n)) for n in (JAXBN_MOD, FLAX)]
+            + [fmt_x(e["jaxbn_over_flax"])]
+            + [passes_str(e["hlo"][n]) if n in e["hlo"] else "-" for n in (JAXBN_MOD, FLAX)]
+            + [f"{e['temp_bytes'][n] / 2**20:.2f} MiB" if n in e["temp_bytes"] else "-" for n in (JAXBN_MOD, FLAX)]
+            for e in d["half"]
+        ]
+        rows.append(["geomean", "", "", "", fmt_x(d.get("half_geomean")), "", "", "", ""])
+        parts.append(
+            "bfloat16 model (x, dy and y in bfloat16, `dtype=bfloat16`; float32 parameters and statistics), "
+            "training-mode fwd+bwd, median time per call; passes in bfloat16 tensor sizes:\n\n"
+            + table(["shape", "size", JAXBN_MOD, FLAX, "jaxbn / flax", f"{JAXBN_MOD} passes / kernels",
+                     f"{FLAX} passes / kernels", f"{JAXBN_MOD} temp", f"{FLAX} temp"], rows)
+        )
     if d.get("lenet"):
         ln = d["lenet"]
         xla = ln.get("xla_defaults") or {}
@@ -822,8 +897,8 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", help="also write the tables to this file")
     ap.add_argument(
         "--sections",
-        default="fwdbwd,infer,fold,reduce,chain,lenet,sync",
-        help="comma-separated subset of fwdbwd,infer,fold,reduce,chain,lenet,sync",
+        default="fwdbwd,infer,fold,reduce,chain,half,lenet,sync",
+        help="comma-separated subset of fwdbwd,infer,fold,reduce,chain,half,lenet,sync",
     )
     ap.add_argument("--shapes", help="override the shapes, e.g. 64x120,32x56x56x64")
     ap.add_argument("--budget", type=float, help="seconds of timing per shape and section")
@@ -868,6 +943,7 @@ def main(argv=None) -> int:
         "fold": lambda: section_fold(rep, FOLD_QUICK if quick else FOLD_FULL, budget / 2),
         "reduce": lambda: section_reduce(rep, REDUCE_QUICK if quick else REDUCE_FULL, budget / 2),
         "chain": lambda: section_chain(rep, CHAIN_QUICK if quick else CHAIN_FULL, CHAIN_DEPTH, budget / 2),
+        "half": lambda: section_half(rep, shapes, budget / 2),
         "lenet": lambda: section_lenet(rep, rounds=2 if quick else 100, steps=10 if quick else 40),
         "sync": lambda: section_sync(rep, SYNC_QUICK if quick else SYNC_FULL, 0.3 if quick else 3.0),
     }
