@@ -257,6 +257,7 @@ def _two_sums(p, q, red):
     return jnp.sum(p, axis=red), jnp.sum(q, axis=red)
 
 
+@partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _blocked_pair_sums(p, q, red, any_size=False):
     """``paired_sums`` as one variadic reduce over blocks of rows, then the sums of the block totals."""
     nred = len(red)
@@ -275,6 +276,16 @@ def _blocked_pair_sums(p, q, red, any_size=False):
         (1,),
     )
     return jnp.sum(bp, axis=0), jnp.sum(bq, axis=0)
+
+
+@_blocked_pair_sums.defjvp
+def _blocked_pair_sums_jvp(red, any_size, primals, tangents):
+    """Both sums are linear: their tangents are the plain sums of the operands' tangents.
+
+    (JAX's JVP of a variadic ``lax.reduce`` fails on a symbolic-zero tangent,
+    such as that of a constant dy in a forward-over-reverse second derivative.)
+    """
+    return _blocked_pair_sums(*primals, red, any_size), _two_sums(*tangents, red)
 
 
 def paired_sums(
@@ -304,7 +315,7 @@ def paired_sums(
     free) use two plain sums.
     """
     return lax.platform_dependent(
-        p, q, cpu=partial(_blocked_pair_sums, red=red, any_size=any_size), default=partial(_two_sums, red=red))
+        p, q, cpu=lambda p, q: _blocked_pair_sums(p, q, red, any_size), default=partial(_two_sums, red=red))
 
 
 def _plain_sums(xv, v: View, cast: bool = False):

@@ -171,6 +171,36 @@ def test_masked_outputs_are_differentiated_like_the_others(nan_padding):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(64, 8), (32, 4, 4, 4), (64, 20)])
+def test_forward_over_reverse_with_a_constant_cotangent(shape):
+    """jax.hessian (forward over reverse) and Hessian-vector products of a loss linear in y,
+    on inputs large enough for the blocked paired sums: the backward's dy is then a
+    constant whose tangent is a symbolic zero, on which JAX's JVP of the blocked
+    reduce failed (TypeError: Zero passed to reshape)."""
+    with x64():
+        rng = np.random.default_rng(11)
+        x = jnp.asarray(rng.normal(1.0, 2.0, shape))
+        w = jnp.asarray(rng.normal(size=shape))
+        g = jnp.asarray(rng.normal(1.0, 0.1, shape[-1]))
+
+        def ours(x):
+            return jnp.sum(jaxbn.batch_norm(x, g, epsilon=1e-3)[0] * w)
+
+        def ref(x):
+            return jnp.sum(_plain_bn(x, g, jnp.zeros(shape[-1]), -1, 1e-3)[0] * w)
+
+        v = jnp.asarray(rng.normal(size=shape))
+        hvp, hvp_ref = (jax.jvp(jax.grad(f), (x,), (v,))[1] for f in (ours, ref))
+        np.testing.assert_allclose(hvp, hvp_ref, rtol=1e-9, atol=1e-9)
+        if x.size <= 512:
+            np.testing.assert_allclose(jax.hessian(ours)(x), jax.hessian(ref)(x), rtol=1e-9, atol=1e-9)
+        # The statistics alone, differentiated twice (their sums are the same kernels).
+        stats = lambda x: jnp.sum(jaxbn.moments(x).var * g)  # noqa: E731
+        stats_ref = lambda x: jnp.sum(x.var(tuple(range(x.ndim - 1))) * g)  # noqa: E731
+        np.testing.assert_allclose(jax.jvp(jax.grad(stats), (x,), (v,))[1],
+                                   jax.jvp(jax.grad(stats_ref), (x,), (v,))[1], rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("loop", ["none", "scan", "map"])
 def test_second_derivatives_inside_loops(loop):
     """Hessian of a loss of y and of the statistics, also inside lax.scan / lax.map.
