@@ -375,6 +375,14 @@ def section_reduce(rep: Report, shape, budget: float) -> None:
     }
 
 
+def _time_modules(fns: dict, budget: float) -> dict:
+    """Times jaxbn.BatchNorm's and flax's callables interleaved: medians (us), their ratio, rounds."""
+    times = H.interleave(fns, warmup=2, min_rounds=5, max_rounds=300, budget_s=budget)
+    med = {k: H.median_us(v) for k, v in times.items()}
+    ratio = med[JAXBN_MOD] / med[FLAX] if {JAXBN_MOD, FLAX} <= med.keys() else None
+    return {"times_us": med, "jaxbn_over_flax": ratio, "rounds": len(next(iter(times.values()), []))}
+
+
 def section_chain(rep: Report, shapes, depth: int, budget: float) -> None:
     """``depth`` layers of BN -> relu applied in a row: ``jax.grad`` of ``sum(out * w)`` w.r.t. x and the BN parameters.
 
@@ -416,11 +424,7 @@ def section_chain(rep: Report, shapes, depth: int, budget: float) -> None:
                 rep.error(f"{where} {name}", e)
         if FLAX in results and JAXBN_MOD in results:
             rep.agree(where, JAXBN_MOD, results[JAXBN_MOD], results[FLAX], TOL)
-        times = H.interleave(fns, warmup=2, min_rounds=5, max_rounds=300, budget_s=budget)
-        med = {k: H.median_us(v) for k, v in times.items()}
-        ratio = med[JAXBN_MOD] / med[FLAX] if {JAXBN_MOD, FLAX} <= med.keys() else None
-        out.append({"shape": list(shape), "depth": depth, "times_us": med, "hlo": hlo,
-                    "jaxbn_over_flax": ratio, "rounds": len(next(iter(times.values()), []))})
+        out.append({"shape": list(shape), "depth": depth, "hlo": hlo, **_time_modules(fns, budget)})
     rep.data["chain"] = out
 
 
@@ -467,15 +471,12 @@ def section_half(rep: Report, shapes, budget: float) -> None:
                 rep.agree(where, name, {"y": y, "dx": dx, "dscale": dp["scale"], "dbias": dp["bias"]}, ref, HALF_TOL)
                 hlo[name] = H.hlo_traffic(compiled.as_text(), x.nbytes)
                 temp[name] = int(compiled.memory_analysis().temp_size_in_bytes)
-                fns[name] = lambda c=compiled, params=params: H.block(c(params, x, w))
+                fns[name] = lambda c=compiled, args=(params, x, w): H.block(c(*args))
             except Exception as e:  # noqa: BLE001
                 rep.error(f"{where} {name}", e)
-        times = H.interleave(fns, warmup=2, min_rounds=5, max_rounds=300, budget_s=budget)
-        med = {k: H.median_us(v) for k, v in times.items()}
-        ratio = med[JAXBN_MOD] / med[FLAX] if {JAXBN_MOD, FLAX} <= med.keys() else None
-        out.append({"shape": list(shape), "nbytes": x.nbytes, "times_us": med, "hlo": hlo, "temp_bytes": temp,
-                    "jaxbn_over_flax": ratio, "rounds": len(next(iter(times.values()), []))})
-        print("   " + "  ".join(f"{k}: {fmt_us(v)}" for k, v in med.items()), flush=True)
+        out.append({"shape": list(shape), "nbytes": x.nbytes, "hlo": hlo, "temp_bytes": temp,
+                    **_time_modules(fns, budget)})
+        print("   " + "  ".join(f"{k}: {fmt_us(v)}" for k, v in out[-1]["times_us"].items()), flush=True)
     rep.data["half"] = out
     ratios = [e["jaxbn_over_flax"] for e in out if e["jaxbn_over_flax"]]
     rep.data["half_geomean"] = H.geomean(ratios) if ratios else None

@@ -195,8 +195,8 @@ def test_forward_over_reverse_with_a_constant_cotangent(shape):
         if x.size <= 512:
             np.testing.assert_allclose(jax.hessian(ours)(x), jax.hessian(ref)(x), rtol=1e-9, atol=1e-9)
         # The statistics alone, differentiated twice (their sums are the same kernels).
-        stats = lambda x: jnp.sum(jaxbn.moments(x).var * g)  # noqa: E731
-        stats_ref = lambda x: jnp.sum(x.var(tuple(range(x.ndim - 1))) * g)  # noqa: E731
+        stats = lambda x: jnp.sum(jaxbn.moments(x).var * g)
+        stats_ref = lambda x: jnp.sum(x.var(tuple(range(x.ndim - 1))) * g)
         np.testing.assert_allclose(jax.jvp(jax.grad(stats), (x,), (v,))[1],
                                    jax.jvp(jax.grad(stats_ref), (x,), (v,))[1], rtol=1e-9, atol=1e-9)
 
