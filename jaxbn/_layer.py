@@ -21,7 +21,7 @@ from jax import lax
 
 from jaxbn import _checks, _ops
 from jaxbn._running import update_running_stats
-from jaxbn._stats import Moments, per_count
+from jaxbn._stats import Moments, bound_axis_size, per_count
 
 
 class Layout(NamedTuple):
@@ -139,6 +139,7 @@ def _ghost_reduce(mom: Moments, axis_name, groups) -> tuple[Moments, jax.Array]:
     ww = w.astype(wide)
     sums = jnp.stack([jnp.sum(ww * v.astype(wide), 0) for v in (mom.mean, mom.var, unbiased)] + [jnp.sum(ww, 0)])
     if axis_name is not None:
+        _checks.check_groups(groups, bound_axis_size(axis_name))
         sums = lax.psum(sums, axis_name, axis_index_groups=groups)
     total = jnp.real(sums[3])
     mean, var, unbiased = (per_count(t, total) for t in sums[:3])

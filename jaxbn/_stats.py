@@ -465,6 +465,17 @@ def local_moments(
     return n, mean, per_count(r, n), jnp.maximum(q - per_count(abs_sq(r), n), 0)
 
 
+def bound_axis_size(axis_name: Any) -> int:
+    """The size of the mapped axis ``axis_name``; a NameError that names it where it is not bound."""
+    try:
+        return lax.axis_size(axis_name)
+    except NameError as e:
+        raise NameError(
+            f"`axis_name`={axis_name!r} is not bound here ({e}): call inside jax.pmap, jax.vmap or "
+            "shard_map over that axis, or pass axis_name=None (under jit with sharded inputs none is needed)."
+        ) from e
+
+
 def merge_moments(
     n: jax.Array,
     c: jax.Array,
@@ -493,13 +504,7 @@ def merge_moments(
     # One buffer in the widest dtype (counts are at least float32, see count_dtype).
     wide = _checks.result_dtype(*parts)
     pack = jnp.stack([p.astype(wide) for p in parts])
-    try:
-        size = lax.axis_size(axis_name)
-    except NameError as e:
-        raise NameError(
-            f"`axis_name`={axis_name!r} is not bound here ({e}): call inside jax.pmap, jax.vmap or "
-            "shard_map over that axis, or pass axis_name=None (under jit with sharded inputs none is needed)."
-        ) from e
+    size = bound_axis_size(axis_name)
     _checks.check_groups(axis_index_groups, size)
     slots = jnp.zeros((size,) + pack.shape, pack.dtype)
     slots = lax.dynamic_update_index_in_dim(slots, pack, lax.axis_index(axis_name), 0)

@@ -729,6 +729,11 @@ def test_half_precision_statistics_merge_at_a_large_offset():
 def test_unbound_axis_name_is_named():
     with pytest.raises(NameError, match="`axis_name`='batch' is not bound"):
         jaxbn.batch_norm(jnp.ones((4, 3)), axis_name="batch")
+    # Ghost batches pool their statistics with a collective of their own.
+    bn = jaxbn.BatchNorm(use_running_average=False, virtual_batch_size=2, axis_name="batch")
+    variables = bn.init(jax.random.key(0), jnp.ones((4, 3)))
+    with pytest.raises(NameError, match="`axis_name`='batch' is not bound"):
+        bn.apply(variables, jnp.ones((4, 3)), mutable=["batch_stats"])
 
 
 def test_axis_index_groups_must_cover_every_device():
