@@ -296,7 +296,7 @@ def _backward_sums(v, dy, x, mean, inv):
     """
     del inv
     dyf, xv = dy.astype(mean.dtype), x.astype(mean.dtype)
-    return paired_sums(dyf, dyf * (xv + v.bcast(-mean)), v.red, any_size=_cast(dy, x, mean))
+    return paired_sums(dyf, dyf * (xv + v.bcast(-mean)), v.red, any_size=_cast(dy, x, mean), run=v.runs)
 
 
 def _checked_backward_sums(v, dy, x, mean, inv):
@@ -319,7 +319,7 @@ def _checked_backward_sums(v, dy, x, mean, inv):
 
     def uncentered():
         dyf = dy.astype(mean.dtype)
-        col_dy, s = paired_sums(dyf, dyf * x.astype(mean.dtype), v.red, any_size=_cast(dy, x, mean))
+        col_dy, s = paired_sums(dyf, dyf * x.astype(mean.dtype), v.red, any_size=_cast(dy, x, mean), run=v.runs)
         return col_dy, s - mean_col * col_dy
 
     return lax.cond(ok, uncentered, lambda: _backward_sums(v, dy, x, mean, inv))
