@@ -81,6 +81,22 @@ def check_param(p: Any, expected: tuple[int, ...], *, name: str, required: bool 
         )
 
 
+def check_real_params(x: Any, **params: Any) -> None:
+    """Complex per-feature arrays need a complex ``x``: over a real one their imaginary parts were dropped."""
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return
+    for name, p in params.items():
+        if p is None:
+            continue
+        dtype = p.dtype if hasattr(p, "dtype") else np.result_type(p)
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(
+                f"`{name}` is complex ({dtype}) but `x` is real ({x.dtype}): jaxbn normalizes "
+                "in x's (real) dtype; for a complex affine transform pass a complex x, e.g. "
+                "x.astype(jnp.complex64)."
+            )
+
+
 def check_mask(mask: Any, shape: tuple[int, ...]) -> None:
     if mask is None:
         return

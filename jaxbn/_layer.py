@@ -82,6 +82,7 @@ def renorm_clip(clipping: Mapping[str, float] | None) -> tuple[float, float, flo
 
 def infer(x, mean, var, scale, bias, lay: Layout, epsilon, out_dtype):
     """Inference mode: normalize with the given (running) statistics."""
+    _checks.check_real_params(x, scale=scale, bias=bias, mean=mean)
     var = var.astype(_checks.real_dtype(lay.sdtype))
     inv = lax.rsqrt(var + _checks.like(epsilon, var))
     return _ops.apply_affine(x, mean.astype(lay.sdtype), inv, scale, bias, lay.red, out_dtype, lay.sdtype)
@@ -181,6 +182,12 @@ def train(
     does not divide the batch (flax initializes with whatever example it is
     given; the output's shape is the same).
     """
+    _checks.check_real_params(x, scale=scale, bias=bias)
+    if renorm is not None and jnp.iscomplexobj(x):
+        raise TypeError(
+            f"`renorm=True` needs a real `x`, got {x.dtype}: its correction d = clip((mean - moving_mean) / "
+            "moving_std, -dmax, dmax) clips the mean, and complex values have no order."
+        )
     xk, mk, red, ghosts = x, mask, lay.red, None
     stat_axis_name, stat_groups = axis_name, axis_index_groups
     if initializing and virtual_batch_size and x.shape[0] % virtual_batch_size:

@@ -96,6 +96,7 @@ def apply_affine(x, mean, inv, scale, bias, red, out_dtype, sdtype):
     broadcast along trailing axes fuse into neighbouring elementwise ops (an
     activation, say) as cheaply as a bias. Only reductions use the 2-D View.
     """
+    inv = inv.astype(sdtype)  # complex for complex x (strict dtype promotion mixes no kinds)
     mul = inv if scale is None else inv * scale.astype(sdtype)
     y = (x.astype(sdtype) - _expand(mean, red)) * _expand(mul, red)
     if bias is not None:
@@ -109,6 +110,7 @@ def validate(x, scale, bias, axis, epsilon, mask):
     fshape = _checks.feature_shape(x.shape, features)
     _checks.check_param(scale, fshape, name="scale")
     _checks.check_param(bias, fshape, name="bias")
+    _checks.check_real_params(x, scale=scale, bias=bias)
     _checks.check_epsilon(epsilon)
     _checks.check_mask(mask, x.shape)
     return features, _checks.reduction_axes(x.ndim, features)
@@ -141,6 +143,7 @@ def normalize(
     fshape = _checks.feature_shape(x.shape, features)
     _checks.check_param(mean, fshape, name="mean", required=True)
     _checks.check_param(var, fshape, name="var", required=True)
+    _checks.check_real_params(x, mean=mean)
     sdtype = _checks.stats_dtype(x.dtype)
     var = jnp.asarray(var).astype(_checks.real_dtype(sdtype))
     inv = lax.rsqrt(var + _checks.like(epsilon, var))

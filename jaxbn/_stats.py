@@ -73,7 +73,7 @@ def per_count(v: jax.Array, n: jax.Array) -> jax.Array:
     subnormal, and so loses bits, beyond 16384 elements.
     """
     wide = _checks.result_dtype(v, n)
-    return (v.astype(wide) * inverse_count(n).astype(_checks.real_dtype(wide))).astype(v.dtype)
+    return (v.astype(wide) * inverse_count(n).astype(wide)).astype(v.dtype)
 
 
 def abs_sq(x: jax.Array) -> jax.Array:
@@ -553,7 +553,7 @@ def merge_moments(
     ref = jnp.take_along_axis(cs, jnp.argmax(ns, axis=0)[None], axis=0)[0]
     es = (cs - ref) + ds
     total = jnp.sum(ns, axis=0)
-    e = per_count(jnp.sum(ns * es, axis=0), total)
+    e = per_count(jnp.sum(ns.astype(es.dtype) * es, axis=0), total)
     pooled_m2 = jnp.sum(m2s, axis=0) + jnp.sum(ns * abs_sq(es - e), axis=0)
     return total.astype(n.dtype), (ref + e).astype(mean_dtype), pooled_m2.astype(m2_dtype)
 

@@ -594,6 +594,56 @@ def test_half_precision_statistics_and_gradients_at_any_offset(dtype, offset):
     assert gx.dtype == dtype and _rel(gx.astype(jnp.float32), dx) < 1e-2  # dx rounded to dtype
 
 
+def test_complex_parameters_over_a_real_input_are_refused():
+    """Their imaginary parts were dropped (with only a NumPy ComplexWarning): say what to do instead."""
+    x, c = jnp.ones((8, 3)), jnp.ones(3, jnp.complex64) * (1 + 2j)
+    calls = {
+        "scale": lambda: jaxbn.batch_norm(x, c),
+        "bias": lambda: jaxbn.batch_norm(x, None, c),
+        "mean": lambda: jaxbn.normalize(x, c, jnp.ones(3)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=f"`{name}` is complex .* but `x` is real"):
+            call()
+    bn = jaxbn.BatchNorm(param_dtype=jnp.complex64)
+    with pytest.raises(TypeError, match="`scale` is complex"):
+        bn.init(jax.random.key(0), x, use_running_average=False)
+    with pytest.raises(TypeError, match="`scale` is complex"):
+        bn.init(jax.random.key(0), x, use_running_average=True)
+    # The advice works: complex input, complex affine transform.
+    xc = x.astype(jnp.complex64) + jnp.asarray(1j * np.arange(8.0), jnp.complex64)[:, None]
+    y, _ = jaxbn.batch_norm(xc, c)
+    ref, _ = jaxbn.batch_norm(xc)
+    np.testing.assert_allclose(y, ref * c, rtol=1e-6)
+
+
+def test_complex_input_under_strict_dtype_promotion():
+    """jaxbn's own arithmetic on complex input mixed complex and real arrays (the statistics'
+    inverse, counts, the merge's weights), which strict dtype promotion (this suite's, and
+    equinox users') refused: every training-mode call and normalize failed."""
+    rng = np.random.default_rng(0)
+    xn = rng.normal(size=(16, 3)) + 1j * rng.normal(size=(16, 3)) + 3
+    x = jnp.asarray(xn, jnp.complex64)
+    c = jnp.asarray(np.array([1 + 2j, 0.5 - 1j, 2 + 0j]), jnp.complex64)
+    mask = rng.random((16, 1)) < 0.7
+    mean, var = xn.mean(0), (np.abs(xn - xn.mean(0)) ** 2).mean(0)
+    y, mom = jaxbn.batch_norm(x, c, c)
+    np.testing.assert_allclose(y, (xn - mean) / np.sqrt(var + 1e-5) * np.asarray(c) + np.asarray(c), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mom.var, var, rtol=1e-5)
+    np.testing.assert_allclose(jaxbn.normalize(x, mom.mean, mom.var, c, c), y, rtol=1e-5, atol=1e-5)
+    xm = np.where(mask, xn, np.nan)
+    np.testing.assert_allclose(jaxbn.moments(x, mask=mask).mean, np.nanmean(xm, 0), rtol=1e-5)
+    g = jax.grad(lambda x, s: jnp.sum(jnp.abs(jaxbn.batch_norm(x, s, mask=mask)[0]) ** 2), argnums=(0, 1))(x, c)
+    assert all(bool(jnp.all(jnp.isfinite(t))) for t in g)
+    pooled = jax.vmap(lambda x: jaxbn.batch_norm(x, axis_name="d")[1].var, axis_name="d")(x.reshape(4, 4, 3))
+    np.testing.assert_allclose(pooled[0], var, rtol=1e-5)
+    bn = jaxbn.BatchNorm(use_running_average=False, param_dtype=jnp.complex64)
+    y_mod, _ = bn.init_with_output(jax.random.key(0), x)
+    np.testing.assert_allclose(y_mod, (xn - mean) / np.sqrt(var + 1e-5), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="`renorm=True` needs a real `x`"):
+        jaxbn.BatchNorm(use_running_average=False, renorm=True).init(jax.random.key(0), x)
+
+
 def test_all_masked_batch_is_finite():
     x = jax.random.normal(jax.random.key(2), (8, 3))
     mask = jnp.zeros((8, 1), bool)
