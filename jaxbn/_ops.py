@@ -38,14 +38,15 @@ statistics, reads x and writes y, reads dy and x for the backward reductions,
 and reads dy and x again to write dx: 8 tensor-sized reads and writes. The
 compiled program makes these kernels and no full-size temporary. On CPU, for
 inputs of up to ``jaxbn._stats.PAIRED_MAX_SIZE`` elements, each pair of sums
-is one kernel (``jaxbn._stats.paired_sums``), which gives the 8; larger inputs
-and other platforms take each sum separately (XLA:CPU's YNNPACK reductions
-and GPU reductions each fuse their elementwise operand), 10 on CPU. Only x
-and per-feature vectors are kept for the backward. Half-precision x and dy
-are read as they are and cast to float32 inside the reductions: the run-time
-checks below take them uncast (XLA materializes a conditional's operands, so
-cast ones were full-size float32 copies), and on CPU their sums take the
-blocked kernel at any size (YNNPACK's reductions read a materialized cast).
+is one kernel (``jaxbn._stats.paired_sums``), which gives the 8; larger
+float32 inputs and other platforms take each sum separately (XLA:CPU's
+YNNPACK reductions and GPU reductions each fuse their elementwise operand),
+10 on CPU. Only x and per-feature vectors are kept for the backward.
+Half-precision x and dy are read as they are and cast to float32 inside the
+reductions: the run-time checks below take them uncast (XLA materializes a
+conditional's operands, so cast ones were full-size float32 copies), and on
+CPU their sums take the blocked kernel at any size where its row blocks tile
+the input's W runs (YNNPACK's reductions read a materialized cast).
 
 On CPU the reductions avoid broadcast operands, which halve XLA:CPU's
 reduction speed: the statistics come from the plain sums of x and |x|^2, and
