@@ -251,12 +251,12 @@ def _row_block(
     blocks tile the runs of the last reduced axis (W of ``(N, H, W, C)``):
     ``b`` divides W or is a multiple of it; only when there is none (and not
     ``strict``), the largest divisor of the row count. XLA:CPU emits the
-    blocked reduce with a division per element and no vector code when blocks cross the ends of W
-    runs at offsets it cannot simplify: blocks of 32 rows over (8, 56, 56, 64)
-    took 1.50 ms against 0.43 ms with blocks of 28, and 21 of 119 conv shapes
-    up to 2M elements (N 8-128, H = W 7-56, C 32-256) compiled that way with
-    the largest divisor of the row count; none of 235 conv and sequence shapes
-    (W or L from 4 to 500) does with this rule
+    blocked reduce with a division per element and no vector code when blocks
+    cross the ends of W runs at offsets it cannot simplify: blocks of 32 rows
+    over (8, 56, 56, 64) took 1.50 ms against 0.43 ms with blocks of 28, and
+    21 of 119 conv shapes up to 2M elements (N 8-128, H = W 7-56, C 32-256)
+    compiled that way with the largest divisor of the row count; none of 235
+    conv and sequence shapes (W or L from 4 to 500) does with this rule
     (``tests/test_ops.py::test_paired_sums_compile_to_vector_code``).
 
     ``run = (W, k)`` gives W for a :class:`View` whose rows hold ``k``
