@@ -128,7 +128,7 @@ class View(NamedTuple):
       red: its reduction axes.
       k: columns per feature (1 when not viewed as a matrix).
       fshape: the feature shape.
-      run: with ``k > 1``, the length of the input's last reduced axis (W of
+      run: with ``k > 1``, the input's reduced dimensions (``(N, H, W)`` of
         ``(N, H, W, C)``), whose runs the row blocks of :func:`paired_sums`
         must tile (see :func:`_row_block`); None otherwise.
     """
@@ -137,7 +137,7 @@ class View(NamedTuple):
     red: tuple[int, ...]
     k: int
     fshape: tuple[int, ...]
-    run: int | None = None
+    run: tuple[int, ...] | None = None
 
     @property
     def column_size(self) -> int:
@@ -150,7 +150,7 @@ class View(NamedTuple):
         return self.column_size * self.k
 
     @property
-    def runs(self) -> tuple[int, int] | None:
+    def runs(self) -> tuple[tuple[int, ...], int] | None:
         """``(run, k)`` for :func:`paired_sums` (None when the rows are the input's own)."""
         return None if self.run is None else (self.run, self.k)
 
@@ -217,7 +217,7 @@ def view(x: Any, red: tuple[int, ...]) -> View:
         m, c = math.prod(shape[:nred]), math.prod(fshape)
         k = _row_multiple(m, c)
         if k > 1:
-            return View((m // k, k * c), (0,), k, fshape, shape[nred - 1])
+            return View((m // k, k * c), (0,), k, fshape, shape[:nred])
     return View(shape, tuple(red), 1, fshape)
 
 
@@ -243,7 +243,7 @@ PAIRED_MAX_SIZE = 2**21
 
 
 def _row_block(
-    shape: tuple[int, ...], nred: int, run: tuple[int, int] | None = None, *, strict: bool = False
+    shape: tuple[int, ...], nred: int, run: tuple[tuple[int, ...], int] | None = None, *, strict: bool = False
 ) -> int | None:
     """Rows per block for an input of ``shape`` reduced over its ``nred`` leading axes.
 
@@ -259,18 +259,26 @@ def _row_block(
     conv and sequence shapes (W or L from 4 to 500) does with this rule
     (``tests/test_ops.py::test_paired_sums_compile_to_vector_code``).
 
-    ``run = (W, k)`` gives W for a :class:`View` whose rows hold ``k``
-    positions each: a block of ``b`` rows then spans ``b * k`` positions,
-    which must divide W or be a multiple of it (the fwd+bwd of a float32
-    (8, 112, 112, 8) took 1.86-2.28 ms in blocks of 32 rows, 256 positions,
-    against 0.34-0.41 ms in blocks of 28; the statistics of a bfloat16
-    (8, 224, 224, 8), cast on the fly, 1.3-1.5 ms against 0.26-0.27 ms).
+    ``run = (dims, k)`` gives the input's reduced dimensions for a
+    :class:`View` whose rows hold ``k`` positions each: a block of ``b``
+    rows then spans ``b * k`` positions, which must divide W or be a
+    multiple of it (the fwd+bwd of a float32 (8, 112, 112, 8) took 1.86-2.28
+    ms in blocks of 32 rows, 256 positions, against 0.34-0.41 ms in blocks
+    of 28; the statistics of a bfloat16 (8, 224, 224, 8), cast on the fly,
+    1.3-1.5 ms against 0.26-0.27 ms). ``strict`` (the blocked sums of inputs
+    above :data:`PAIRED_MAX_SIZE`, which have the plain sums to fall back on)
+    asks the same of every run, H * W too, and gives None where no block
+    does (bfloat16 (512, 28, 28, 8): blocks of 28 rows, 224 positions, cross
+    the 784 of an image, and took 11-18 ms against 7-9 ms for the plain sums).
     """
     rows = math.prod(shape[:nred])
-    w, k = run if run is not None else (shape[nred - 1], 1)
+    dims, k = run if run is not None else (shape[:nred], 1)
+    # The runs of the last reduced axis, of the last two, ... (W, H * W, ...).
+    runs = [math.prod(dims[i:]) for i in range(len(dims) - 1, 0, -1)] or [rows * k]
+    runs = runs if strict else runs[:1]
     divisors = [b for b in range(ROW_BLOCK, 7, -1) if rows % b == 0]
     fallback = None if strict or not divisors else divisors[0]
-    return next((b for b in divisors if w % (b * k) == 0 or (b * k) % w == 0), fallback)
+    return next((b for b in divisors if all(r % (b * k) == 0 or (b * k) % r == 0 for r in runs)), fallback)
 
 
 def _two_sums(p, q, red):
@@ -312,7 +320,12 @@ def _blocked_pair_sums_jvp(red, any_size, run, primals, tangents):
 
 
 def paired_sums(
-    p: jax.Array, q: jax.Array, red: tuple[int, ...], *, any_size: bool = False, run: tuple[int, int] | None = None
+    p: jax.Array,
+    q: jax.Array,
+    red: tuple[int, ...],
+    *,
+    any_size: bool = False,
+    run: tuple[tuple[int, ...], int] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``(sum(p), sum(q))`` over ``red``, reading the operands of ``p`` and ``q`` once.
 
