@@ -82,7 +82,13 @@ def check_param(p: Any, expected: tuple[int, ...], *, name: str, required: bool 
 
 
 def check_real_params(x: Any, **params: Any) -> None:
-    """Complex per-feature arrays need a complex ``x``: over a real one their imaginary parts were dropped."""
+    """Complex per-feature arrays need a complex ``x``: over a real one their imaginary parts were dropped.
+
+    (A complex ``var`` is refused even with a complex ``x``: a variance is real.)
+    """
+    var = params.pop("var", None)
+    if var is not None and jnp.issubdtype(var.dtype if hasattr(var, "dtype") else np.result_type(var), jnp.complexfloating):
+        raise TypeError("`var` must be real (a variance), got a complex array; pass its real part, e.g. jnp.real(var).")
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         return
     for name, p in params.items():

@@ -82,7 +82,7 @@ def renorm_clip(clipping: Mapping[str, float] | None) -> tuple[float, float, flo
 
 def infer(x, mean, var, scale, bias, lay: Layout, epsilon, out_dtype):
     """Inference mode: normalize with the given (running) statistics."""
-    _checks.check_real_params(x, scale=scale, bias=bias, mean=mean)
+    _checks.check_real_params(x, scale=scale, bias=bias, mean=mean, var=var)
     var = var.astype(_checks.real_dtype(lay.sdtype))
     inv = lax.rsqrt(var + _checks.like(epsilon, var))
     return _ops.apply_affine(x, mean.astype(lay.sdtype), inv, scale, bias, lay.red, out_dtype, lay.sdtype)

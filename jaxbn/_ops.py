@@ -144,7 +144,7 @@ def normalize(
     fshape = _checks.feature_shape(x.shape, features)
     _checks.check_param(mean, fshape, name="mean", required=True)
     _checks.check_param(var, fshape, name="var", required=True)
-    _checks.check_real_params(x, mean=mean)
+    _checks.check_real_params(x, mean=mean, var=var)
     sdtype = _checks.stats_dtype(x.dtype)
     var = jnp.asarray(var).astype(_checks.real_dtype(sdtype))
     inv = lax.rsqrt(var + _checks.like(epsilon, var))
