@@ -505,39 +505,48 @@ def test_paired_sums_compile_to_vector_code(tmp_path):
     simplify (32 rows over W = 56 or 24) gave scalar code with divisions,
     3.5x slower; ``_stats._row_block`` picks blocks that tile the W runs.
     """
-    from jaxbn import _stats
 
-    shapes = [(8, 56, 56, 64), (16, 24, 24, 32), (32, 24, 24, 96), (8, 28, 28, 32), (16, 7, 7, 256), (8, 100, 64)]
+    f32, bf16 = "float32", "bfloat16"
+    cases = [(s, f32, "stats") for s in [(8, 56, 56, 64), (16, 24, 24, 32), (32, 24, 24, 96), (8, 28, 28, 32),
+                                         (16, 7, 7, 256), (8, 100, 64)]]
     # Narrow inputs seen through a View (rows of k positions), in float32 and cast from
     # bfloat16 on the fly (any size): blocks of 32 rows of 8 positions crossed the W runs
     # of 112 or 224 (1.86-2.28 ms against 0.34-0.41 ms for the fwd+bwd of (8, 112, 112, 8)).
     # Above 2M elements (only cast operands take the blocked sums there) the blocks tile
     # whole images too: blocks of 224 positions crossed the 784 of (512, 28, 28, 8)
     # (fwd+bwd 6.2 ms against 1.3 ms in blocks of 112).
-    shapes += [(8, 112, 112, 8), (8, 224, 224, 8), (16, 112, 112, 16), (8, 100, 100, 8), (512, 28, 28, 8)]
+    cases += [((8, 112, 112, 8), f32, "stats")]
+    cases += [(s, bf16, "stats") for s in [(8, 224, 224, 8), (16, 112, 112, 16), (8, 100, 100, 8), (512, 28, 28, 8)]]
     # Blocks that tile W but cross images, float32 ((16, 28, 28, 8) was 1.72x flax's time).
-    shapes += [(16, 28, 28, 8), (64, 24, 24, 4), (32, 12, 12, 8)]
+    cases += [(s, f32, "stats") for s in [(16, 28, 28, 8), (64, 24, 24, 4), (32, 12, 12, 8)]]
+    # Rows that cross W runs: rows of 4 positions over W = 14 ((64, 14, 14, 16) took
+    # 1.9-2.4x flax's time), of 16 over W = 28, of 64 over W = 56.
+    cases += [(s, f32, "stats") for s in [(64, 14, 14, 16), (16, 28, 28, 4), (64, 28, 28, 4), (128, 56, 56, 1)]]
+    # The backward's sums of dy and dy * x cast from bfloat16: blocks of 25-32 rows gave
+    # scalar code (fwd+bwd of (32, 56, 56, 64) 7.2 ms against 5.2 ms in blocks of 14).
+    cases += [(s, bf16, "backward") for s in [(32, 56, 56, 64), (8, 28, 28, 32), (4096, 512), (64, 28, 28, 8),
+                                              (64, 8, 8, 16)]]
     code = (
         "import jax, jax.numpy as jnp\n"
         "from jaxbn import _stats\n"
-        f"for i, shape in enumerate({shapes!r}):\n"
+        f"for i, (shape, dtype, kind) in enumerate({cases!r}):\n"
         "    red = tuple(range(len(shape) - 1))\n"
         "    v = _stats.view(shape, red)\n"
-        "    dtype = jnp.bfloat16 if 7 <= i < 11 else jnp.float32\n"
-        "    def f(x, v=v):\n"
+        "    def f(x, dy, v=v, kind=kind):\n"
         "        xv = v.of(x).astype(jnp.float32)\n"
-        "        return _stats.paired_sums(xv, xv * xv, v.red, any_size=True, run=v.runs)\n"
+        "        p = v.of(dy).astype(jnp.float32) if kind == 'backward' else xv\n"
+        "        return _stats.paired_sums(p, p * xv, v.red, any_size=dtype != 'float32', run=v.runs)\n"
         "    f.__name__ = f'case{i}'\n"
-        "    jax.jit(f).lower(jax.ShapeDtypeStruct(shape, dtype)).compile()\n"
+        "    a = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))\n"
+        "    jax.jit(f).lower(a, a).compile()\n"
     )
     env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={tmp_path}", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for i, shape in enumerate(shapes):
+    for i, (shape, _, _) in enumerate(cases):
         kernels = list(tmp_path.glob(f"*jit_case{i}.*_kernel_module.ir-with-opt.ll"))
         blocked = [p for p in kernels if "reduce_fusion" in p.name]  # the variadic blocked reduce
         assert blocked, (shape, [p.name for p in kernels])
-        assert (_stats.view(shape, tuple(range(len(shape) - 1))).k > 1) == (i >= 6), shape
         for p in blocked:
             ir = p.read_text()
             assert "x float>" in ir, (shape, p.name, "no vector code")
