@@ -291,16 +291,19 @@ def _cast(dy, x, mean) -> bool:
     return dy.dtype != mean.dtype or x.dtype != mean.dtype
 
 
-def _backward_sums(v, dy, x, mean, inv):
+def _backward_sums(v, dy, x, mean, inv, neg_mean=None):
     """Per-column ``sum(dy)`` and ``sum(dy * (x - mu))`` (dy and x seen through the View ``v``).
 
     dy and x are cast to the dtype of ``mean`` (the accumulation dtype) here.
     ``x + (-mu)`` keeps its broadcast apart from the ``x - mu`` of dx, so XLA
     fuses each into its consumer instead of materializing a full-size x - mu.
+    ``neg_mean``: ``v.bcast(-mean)`` computed by the caller (see
+    :func:`_checked_backward_sums`).
     """
     del inv
     dyf, xv = dy.astype(mean.dtype), x.astype(mean.dtype)
-    return paired_sums(dyf, dyf * (xv + v.bcast(-mean)), v.red, any_size=_cast(dy, x, mean), run=v.runs)
+    neg_mean = v.bcast(-mean) if neg_mean is None else neg_mean
+    return paired_sums(dyf, dyf * (xv + neg_mean), v.red, any_size=_cast(dy, x, mean), run=v.runs)
 
 
 def _checked_backward_sums(v, dy, x, mean, inv):
@@ -326,7 +329,13 @@ def _checked_backward_sums(v, dy, x, mean, inv):
         col_dy, s = paired_sums(dyf, dyf * x.astype(mean.dtype), v.red, any_size=_cast(dy, x, mean), run=v.runs)
         return col_dy, s - mean_col * col_dy
 
-    return lax.cond(ok, uncentered, lambda: _backward_sums(v, dy, x, mean, inv))
+    # mu enters the centered branch already broadcast to the view's columns (as an
+    # operand of the cond, materialized): tiled inside it, the sums of a View were
+    # scalar code (an index modulo C per element).
+    def centered():
+        return _backward_sums(v, dy, x, mean, inv, -jnp.expand_dims(mean_col, v.red))
+
+    return lax.cond(ok, uncentered, centered)
 
 
 def _varying(t) -> frozenset:

@@ -419,7 +419,7 @@ def _plain_sums(xv, v: View, cast: bool = False):
     return mean, jnp.maximum(s2 - n * abs_sq(mean), 0), s2
 
 
-def _centered_sums(xv, v: View, c, cast: bool = False):
+def _centered_sums(xv, v: View, c, cast: bool = False, cb=None):
     """Per-feature ``(c, mean - c, M2)`` from the sums of ``x - c``, ``c`` one value per feature.
 
     The mean is returned in two parts (the shift and the small correction), so
@@ -433,8 +433,10 @@ def _centered_sums(xv, v: View, c, cast: bool = False):
     intermediate (not even the broadcast ``c``): a shared one is materialized,
     costing a write and two reads. Hence ``x - c`` in one and ``x + (-c)``
     (equal bit for bit) in the other.
+
+    ``cb``: ``v.bcast(c)`` computed by the caller (see :func:`_checked_moments`).
     """
-    cb = v.bcast(c)
+    cb = v.bcast(c) if cb is None else cb
     r, q = paired_sums(xv - cb, abs_sq(xv + (-cb)), v.red, any_size=cast, run=v.runs)
     r, q = v.fold_sum(r), v.fold_sum(q)
     n = v.count
@@ -477,8 +479,11 @@ def _checked_moments(x, *, v: View, dtype: Any = None):
     cast = x.dtype != dtype
     mean, m2, s2 = _plain_sums(x.astype(dtype), v, cast)
     ok = jnp.all(s2 <= (1 + WELL_CONDITIONED) * m2)
-    return lax.cond(ok, lambda mean, m2: (mean, jnp.zeros_like(mean), m2),
-                    lambda mean, m2: _centered_sums(x.astype(dtype), v, mean, cast), mean, m2)
+    # The shift enters the branch already broadcast to the view's columns (a cond's
+    # operand is materialized): tiled inside it, the centered sums of a View were
+    # scalar code (an index modulo C per element).
+    return lax.cond(ok, lambda mean, m2, cb: (mean, jnp.zeros_like(mean), m2),
+                    lambda mean, m2, cb: _centered_sums(x.astype(dtype), v, mean, cast, cb), mean, m2, v.bcast(mean))
 
 
 def local_moments(
