@@ -89,6 +89,20 @@ NARROW = 16
 #: Rows of that matrix are made at least this many elements wide.
 MIN_ROW_WIDTH = 64
 
+#: Rows summed per block by :func:`paired_sums` on CPU (XLA:CPU's own reductions
+#: split rows into blocks of this size too; 8 is the smallest block used).
+ROW_BLOCK = 32
+
+#: Rows summed per block at most, where a block that size tiles the W runs, when
+#: the operands are cast on the fly (half precision summed in float32; see
+#: :func:`_row_block`): XLA:CPU emits the backward's blocked reduce of
+#: ``dy`` and ``dy * x``, both cast from bfloat16, as scalar code for blocks of
+#: 25 to 32 rows (float16: 30 to 32), and that of ``dy`` and ``dy * (x - mean)``
+#: from 23 rows. bfloat16 fwd+bwd of (128, 28, 28, 32) took 2.45 ms in blocks
+#: of 28, 1.53 ms in blocks of 14; blocks of at most 16 measured as fast as
+#: blocks of up to 24 on the benchmark's shapes.
+CAST_ROW_BLOCK = 16
+
 
 class View(NamedTuple):
     """How the reductions see an array: a reshape (free) that makes narrow features cheap.
@@ -174,7 +188,7 @@ class View(NamedTuple):
         return c[0] if self.k == 1 else jnp.sum(c, axis=0)
 
 
-def _row_multiple(rows: int, width: int, dims: tuple[int, ...] | None = None) -> int:
+def _row_multiple(rows: int, width: int, dims: tuple[int, ...] | None = None, top: int = ROW_BLOCK) -> int:
     """k >= 1 dividing ``rows`` so that ``k * width`` reaches MIN_ROW_WIDTH, if one is near (1 unless width <= NARROW).
 
     ``dims``: the reduced dimensions (``(N, H, W)``). Among the k near the
@@ -182,7 +196,7 @@ def _row_multiple(rows: int, width: int, dims: tuple[int, ...] | None = None) ->
     :func:`_row_block`): a float32 (64, 14, 14, 16) seen as rows of 4
     positions (W = 14) had its statistics compiled to scalar code, 0.41 ms
     against 0.08 ms with rows of 7, and the whole fwd+bwd took 1.9-2.4x
-    flax's time.
+    flax's time. ``top``: the preferred largest block (see :func:`_row_block`).
     """
     if width > NARROW or rows <= 1:
         return 1
@@ -190,9 +204,11 @@ def _row_multiple(rows: int, width: int, dims: tuple[int, ...] | None = None) ->
     near = [k for k in range(target, min(4 * target, rows) + 1) if rows % k == 0]
     near += [k for k in range(min(target, rows), 1, -1) if rows % k == 0 and k not in near]
     if dims is not None and len(dims) > 1:
-        for which in (0, 1):  # blocks that tile every run, then blocks that tile W
+        # Blocks that tile every run, then blocks that tile W; of at most ``top`` rows first.
+        for capped, which in ((True, 0), (True, 1), (False, 0), (False, 1)):
             for k in near:
-                if _tiling_blocks(rows // k, dims, k)[which]:
+                blocks = _tiling_blocks(rows // k, dims, k, top)[which]
+                if blocks and (blocks[0] <= top or not capped):
                     return k
     return near[0] if near else 1
 
@@ -216,15 +232,18 @@ def view(x: Any, red: tuple[int, ...]) -> View:
     """The :class:`View` of ``x`` (an array, or just its shape) reduced over ``red``.
 
     Arrays with an explicit sharding keep their shape (k == 1, no reshape):
-    merging a sharded axis with others is not a free reshape.
+    merging a sharded axis with others is not a free reshape. An array summed
+    in a wider dtype (half precision) prefers blocks of at most
+    :data:`CAST_ROW_BLOCK` rows.
     """
     shape = tuple(x) if isinstance(x, tuple) else tuple(x.shape)
+    cast = not isinstance(x, tuple) and _checks.stats_dtype(x.dtype) != x.dtype
     nred = len(red)
     fshape = tuple(d for i, d in enumerate(shape) if i not in red)
     plain = (isinstance(x, tuple) or not _sharded(x)) and static_shape(shape)
     if plain and nred and nred < len(shape) and tuple(red) == tuple(range(nred)) and math.prod(shape):
         m, c = math.prod(shape[:nred]), math.prod(fshape)
-        k = _row_multiple(m, c, shape[:nred])
+        k = _row_multiple(m, c, shape[:nred], CAST_ROW_BLOCK if cast else ROW_BLOCK)
         if k > 1:
             return View((m // k, k * c), (0,), k, fshape, shape[:nred])
     return View(shape, tuple(red), 1, fshape)
@@ -242,19 +261,6 @@ def _first_row(xv: jax.Array, red: tuple[int, ...]) -> jax.Array:
 #: shifted formula carries when its shift lies 3 standard deviations from the mean.
 WELL_CONDITIONED = 8.0
 
-
-#: Rows summed per block by :func:`paired_sums` on CPU (XLA:CPU's own reductions
-#: split rows into blocks of this size too; 8 is the smallest block used).
-ROW_BLOCK = 32
-
-#: Rows summed per block at most when the operands are cast on the fly (half
-#: precision summed in float32): XLA:CPU emits the backward's blocked reduce of
-#: ``dy`` and ``dy * x``, both cast from bfloat16, as scalar code for blocks of
-#: 25 to 32 rows (float16: 30 to 32), and that of ``dy`` and ``dy * (x - mean)``
-#: from 23 rows. bfloat16 fwd+bwd of (128, 28, 28, 32) took 2.45 ms in blocks
-#: of 28, 1.53 ms in blocks of 14; blocks of at most 16 measured as fast as
-#: blocks of up to 24 on the benchmark's shapes.
-CAST_ROW_BLOCK = 16
 
 #: :func:`paired_sums` reduces operands of at most this many elements in blocks.
 PAIRED_MAX_SIZE = 2**21
@@ -296,34 +302,42 @@ def _row_block(
     :data:`PAIRED_MAX_SIZE`, which have the plain sums to fall back on)
     takes only those, and gives None where there is none (a bfloat16 (512,
     28, 28, 8) in blocks of 224 positions: fwd+bwd 6.2 ms, 1.3 ms in blocks
-    of 112). ``top``: the largest block (:data:`CAST_ROW_BLOCK` for operands
-    cast on the fly).
+    of 112). ``top``: the preferred largest block (:data:`CAST_ROW_BLOCK` for
+    operands cast on the fly); larger blocks that tile are taken only where
+    none of at most ``top`` rows does (a bfloat16 (128, 17, 17, 64) in blocks
+    of 17: fwd+bwd 1.2-1.6 ms, 2.1-2.7 ms with the plain sums).
     """
     rows = math.prod(shape[:nred])
     dims, k = run if run is not None else (shape[:nred], 1)
     every, first = _tiling_blocks(rows, dims, k, top)
     if strict:
         return next(iter(every), None)
-    return next(iter(every + first + [b for b in range(top, 7, -1) if rows % b == 0]), None)
+    return next(iter(every + first + _by_preference([b for b in range(ROW_BLOCK, 7, -1) if rows % b == 0], top)), None)
 
 
 def _tiling_blocks(rows: int, dims: tuple[int, ...], k: int, top: int = ROW_BLOCK) -> tuple[list[int], list[int]]:
-    """Blocks (rows in [8, top] dividing ``rows``, largest first) for rows of ``k`` positions of ``dims``.
+    """Blocks (rows in [8, ROW_BLOCK] dividing ``rows``) for rows of ``k`` positions of ``dims``.
 
     Returns those whose blocks tile every run of the reduced dimensions (W,
-    H * W, ...), and those whose blocks tile the W runs. Both are empty when
-    a row itself crosses the ends of W runs (k neither divides W nor is a
-    multiple of it): XLA:CPU then compiled every block size to scalar code
-    (3,187 float32 (N, H, W, C) cases, C <= 16: none of the 1,491 whose rows
-    and blocks tile W had a division per element; 654 of the others did).
+    H * W, ...), and those whose blocks tile the W runs, each in order of
+    preference (:func:`_by_preference`). Both are empty when a row itself
+    crosses the ends of W runs (k neither divides W nor is a multiple of
+    it): XLA:CPU then compiled every block size to scalar code (3,187
+    float32 (N, H, W, C) cases, C <= 16: none of the 1,491 whose rows and
+    blocks tile W had a division per element; 654 of the others did).
     """
     # The runs of the last reduced axis, of the last two, ... (W, H * W, ...).
     runs = [math.prod(dims[i:]) for i in range(len(dims) - 1, 0, -1)] or [rows * k]
     if not _tiles(k, runs[0]):
         return [], []
-    divisors = [b for b in range(top, 7, -1) if rows % b == 0]
+    divisors = _by_preference([b for b in range(ROW_BLOCK, 7, -1) if rows % b == 0], top)
     every = [b for b in divisors if all(_tiles(b * k, r) for r in runs)]
     return every, [b for b in divisors if _tiles(b * k, runs[0])]
+
+
+def _by_preference(blocks: list[int], top: int) -> list[int]:
+    """Blocks of at most ``top`` rows, largest first, then larger ones, smallest first."""
+    return sorted((b for b in blocks if b <= top), reverse=True) + sorted(b for b in blocks if b > top)
 
 
 def _tiles(a: int, r: int) -> bool:
