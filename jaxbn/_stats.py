@@ -103,6 +103,12 @@ ROW_BLOCK = 32
 #: blocks of up to 24 on the benchmark's shapes.
 CAST_ROW_BLOCK = 16
 
+#: The largest block of operands cast on the fly that XLA:CPU still compiles to
+#: vector code in every pair of sums (see :data:`CAST_ROW_BLOCK`); larger ones
+#: are taken only above :data:`PAIRED_MAX_SIZE`, where the alternative, the plain
+#: sums, reads float32 copies of the input.
+CAST_VECTOR_BLOCK = 22
+
 
 class View(NamedTuple):
     """How the reductions see an array: a reshape (free) that makes narrow features cheap.
@@ -305,13 +311,19 @@ def _row_block(
     of 112). ``top``: the preferred largest block (:data:`CAST_ROW_BLOCK` for
     operands cast on the fly); larger blocks that tile are taken only where
     none of at most ``top`` rows does (a bfloat16 (128, 17, 17, 64) in blocks
-    of 17: fwd+bwd 1.2-1.6 ms, 2.1-2.7 ms with the plain sums).
+    of 17: fwd+bwd 1.2-1.6 ms, 2.1-2.7 ms with the plain sums), and for cast
+    operands only up to :data:`CAST_VECTOR_BLOCK` rows unless ``strict``
+    (bfloat16 (32, 31, 31, 32) in scalar-code blocks of 31: 0.70 ms, in
+    vector-code blocks of 16 that cross W: 0.46 ms; (128, 31, 31, 32), above
+    2M elements, 3.7 ms in blocks of 31, 4.1 ms with the plain sums).
     """
     rows = math.prod(shape[:nred])
     dims, k = run if run is not None else (shape[:nred], 1)
     every, first = _tiling_blocks(rows, dims, k, top)
     if strict:
         return next(iter(every), None)
+    if top < ROW_BLOCK:
+        every, first = ([b for b in blocks if b <= CAST_VECTOR_BLOCK] for blocks in (every, first))
     return next(iter(every + first + _by_preference([b for b in range(ROW_BLOCK, 7, -1) if rows % b == 0], top)), None)
 
 

@@ -531,12 +531,18 @@ def test_paired_sums_compile_to_vector_code(tmp_path):
     cases += [(s, bf16, "backward") for s in [(32, 56, 56, 64), (8, 28, 28, 32), (4096, 512), (64, 28, 28, 8),
                                               (64, 8, 8, 16), (32, 24, 24, 32)]]
     cases += [(s, bf16, "centered") for s in [(32, 56, 56, 64), (8, 28, 28, 32), (4096, 512), (32, 24, 24, 32)]]
+    # W with no divisor in [8, 16]: blocks of 17-22 rows that tile W, or of 16 that cross it
+    # (blocks of 23-32 rows were scalar code); above 2M elements, blocks of 17.
+    for dt in (bf16, "float16"):
+        cases += [(s, dt, kind) for s in [(32, 31, 31, 32), (32, 25, 25, 32), (32, 19, 19, 32), (128, 17, 17, 64)]
+                  for kind in ("backward", "centered")]
+        cases += [((16, 100, 100, 16), dt, "backward")]
     code = (
         "import jax, jax.numpy as jnp\n"
         "from jaxbn import _stats\n"
         f"for i, (shape, dtype, kind) in enumerate({cases!r}):\n"
         "    red = tuple(range(len(shape) - 1))\n"
-        "    v = _stats.view(shape, red)\n"
+        "    v = _stats.view(jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)), red)\n"
         "    def f(x, dy, mean, v=v, kind=kind):\n"
         "        xv = v.of(x).astype(jnp.float32)\n"
         "        p = xv if kind == 'stats' else v.of(dy).astype(jnp.float32)\n"
