@@ -103,6 +103,15 @@ ROW_BLOCK = 32
 #: blocks of up to 24 on the benchmark's shapes.
 CAST_ROW_BLOCK = 16
 
+#: Rows of at least this many elements (the kept dimensions) are summed in
+#: blocks of at most :data:`WIDE_ROW_BLOCK` rows where such a block tiles: the
+#: fwd+bwd of a float32 (512, 1024) took 0.82x the time of blocks of 32,
+#: (64, 8192) 0.86x, (4096, 512) 0.93x, (32, 128, 512) and (64, 7, 7, 512)
+#: 0.96-0.98x; rows of 256 or fewer elements gained nothing ((64, 8, 8, 16),
+#: seen as rows of 64, took 1.10x).
+WIDE_ROW = 512
+WIDE_ROW_BLOCK = 16
+
 #: The largest block of operands cast on the fly that XLA:CPU still compiles to
 #: vector code in every pair of sums (see :data:`CAST_ROW_BLOCK`); larger ones
 #: are taken only above :data:`PAIRED_MAX_SIZE`, where the alternative, the plain
@@ -279,6 +288,7 @@ def _row_block(
     *,
     strict: bool = False,
     top: int = ROW_BLOCK,
+    cast: bool = False,
 ) -> int | None:
     """Rows per block for an input of ``shape`` reduced over its ``nred`` leading axes.
 
@@ -311,8 +321,9 @@ def _row_block(
     of 112). ``top``: the preferred largest block (:data:`CAST_ROW_BLOCK` for
     operands cast on the fly); larger blocks that tile are taken only where
     none of at most ``top`` rows does (a bfloat16 (128, 17, 17, 64) in blocks
-    of 17: fwd+bwd 1.2-1.6 ms, 2.1-2.7 ms with the plain sums), and for cast
-    operands only up to :data:`CAST_VECTOR_BLOCK` rows unless ``strict``
+    of 17: fwd+bwd 1.2-1.6 ms, 2.1-2.7 ms with the plain sums), and for
+    operands cast on the fly (``cast``) only up to :data:`CAST_VECTOR_BLOCK`
+    rows unless ``strict``
     (bfloat16 (32, 31, 31, 32) in scalar-code blocks of 31: 0.70 ms, in
     vector-code blocks of 16 that cross W: 0.46 ms; (128, 31, 31, 32), above
     2M elements, 3.7 ms in blocks of 31, 4.1 ms with the plain sums).
@@ -322,7 +333,7 @@ def _row_block(
     every, first = _tiling_blocks(rows, dims, k, top)
     if strict:
         return next(iter(every), None)
-    if top < ROW_BLOCK:
+    if cast:
         every, first = ([b for b in blocks if b <= CAST_VECTOR_BLOCK] for blocks in (every, first))
     return next(iter(every + first + _by_preference([b for b in range(ROW_BLOCK, 7, -1) if rows % b == 0], top)), None)
 
@@ -369,12 +380,12 @@ def _blocked_pair_sums(p, q, red, any_size=False, run=None):
     if not (leading and static_shape(p.shape)) or p.dtype != q.dtype or _sharded(p) or _sharded(q):
         return _two_sums(p, q, red)
     large = p.size > PAIRED_MAX_SIZE
-    top = CAST_ROW_BLOCK if any_size else ROW_BLOCK
-    b = None if large and not any_size else _row_block(p.shape, nred, run, strict=large, top=top)
+    kept = p.shape[nred:]
+    top = CAST_ROW_BLOCK if any_size else WIDE_ROW_BLOCK if math.prod(kept) >= WIDE_ROW else ROW_BLOCK
+    b = None if large and not any_size else _row_block(p.shape, nred, run, strict=large, top=top, cast=any_size)
     if b is None:
         return _two_sums(p, q, red)
     rows = math.prod(p.shape[:nred])
-    kept = p.shape[nred:]
     shape = (rows // b, b) + kept
     zero = jnp.zeros((), p.dtype)
     bp, bq = lax.reduce(
