@@ -105,10 +105,10 @@ CAST_ROW_BLOCK = 16
 
 #: Rows of at least this many elements (the kept dimensions) are summed in
 #: blocks of at most :data:`WIDE_ROW_BLOCK` rows where such a block tiles: the
-#: fwd+bwd of a float32 (512, 1024) took 0.82x the time of blocks of 32,
-#: (64, 8192) 0.86x, (4096, 512) 0.93x, (32, 128, 512) and (64, 7, 7, 512)
-#: 0.96-0.98x; rows of 256 or fewer elements gained nothing ((64, 8, 8, 16),
-#: seen as rows of 64, took 1.10x).
+#: fwd+bwd of a float32 (512, 1024) took 0.82-0.90x the time of blocks of 32,
+#: (256, 2048) 0.84-0.88x, (4096, 512) 0.93-0.96x, (32, 128, 512) and
+#: (64, 7, 7, 512) 0.95-0.98x (two runs); rows of 256 or fewer elements gained
+#: nothing ((64, 8, 8, 16), seen as rows of 64, took 1.10x).
 WIDE_ROW = 512
 WIDE_ROW_BLOCK = 16
 
