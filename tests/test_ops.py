@@ -504,9 +504,11 @@ def test_paired_sums_compile_to_vector_code(tmp_path):
 
     Blocks that cross the ends of the W runs at offsets XLA:CPU cannot
     simplify (32 rows over W = 56 or 24) gave scalar code with divisions,
-    3.5x slower; ``_stats._row_block`` picks blocks that tile the W runs.
+    3.5x slower; ``_stats._row_block`` picks blocks that tile the W runs, and
+    ``_stats._row_multiple`` rows of a View that tile them too. Operands cast
+    from half precision take blocks of at most 16-22 rows below 2M elements
+    (XLA:CPU compiled larger ones to scalar code).
     """
-
     f32, bf16 = "float32", "bfloat16"
     cases = [(s, f32, "stats") for s in [(8, 56, 56, 64), (16, 24, 24, 32), (32, 24, 24, 96), (8, 28, 28, 32),
                                          (16, 7, 7, 256), (8, 100, 64)]]
@@ -599,7 +601,6 @@ def test_fwdbwd_reductions_compile_to_vector_code_on_both_branches(tmp_path):
     for i, (shape, dtype) in enumerate(cases):
         (hlo,) = tmp_path.glob(f"*jit_case{i}.*after_optimizations.txt")
         hlo = hlo.read_text()
-
         kernels = [p for p in tmp_path.glob(f"*jit_case{i}.*_kernel_module.ir-with-opt.ll") if "reduce_fusion" in p.name]
         kernels = [p for p in kernels if _reads_full_size(hlo, p.name, math.prod(shape))]
         # the statistics and the backward sums, each on both sides of its check
