@@ -86,16 +86,17 @@ def check_real_params(x: Any, **params: Any) -> None:
 
     (A complex ``var`` is refused even with a complex ``x``: a variance is real.)
     """
-    var = params.pop("var", None)
-    if var is not None and jnp.issubdtype(var.dtype if hasattr(var, "dtype") else np.result_type(var), jnp.complexfloating):
+    def complex_dtype(p):
+        dtype = None if p is None else p.dtype if hasattr(p, "dtype") else np.result_type(p)
+        return dtype if dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating) else None
+
+    if complex_dtype(params.pop("var", None)) is not None:
         raise TypeError("`var` must be real (a variance), got a complex array; pass its real part, e.g. jnp.real(var).")
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    if complex_dtype(x) is not None:
         return
     for name, p in params.items():
-        if p is None:
-            continue
-        dtype = p.dtype if hasattr(p, "dtype") else np.result_type(p)
-        if jnp.issubdtype(dtype, jnp.complexfloating):
+        dtype = complex_dtype(p)
+        if dtype is not None:
             raise TypeError(
                 f"`{name}` is complex ({dtype}) but `x` is real ({x.dtype}): jaxbn normalizes "
                 "in x's (real) dtype; for a complex affine transform pass a complex x, e.g. "

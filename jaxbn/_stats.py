@@ -218,14 +218,18 @@ def _row_multiple(rows: int, width: int, dims: tuple[int, ...] | None = None, to
     target = -(-MIN_ROW_WIDTH // width)
     near = [k for k in range(target, min(4 * target, rows) + 1) if rows % k == 0]
     near += [k for k in range(min(target, rows), 1, -1) if rows % k == 0 and k not in near]
-    if dims is not None and len(dims) > 1:
-        # Blocks that tile every run, then blocks that tile W; of at most ``top`` rows first.
-        for capped, which in ((True, 0), (True, 1), (False, 0), (False, 1)):
-            for k in near:
-                blocks = _tiling_blocks(rows // k, dims, k, top)[which]
-                if blocks and (blocks[0] <= top or not capped):
-                    return k
-    return near[0] if near else 1
+    if not near:
+        return 1
+    if dims is None or len(dims) < 2:
+        return near[0]
+
+    def rank(k):
+        """0-3: blocks that tile every run, then blocks that tile W, of at most ``top`` rows first; 4: none."""
+        every, first = _tiling_blocks(rows // k, dims, k, top)
+        kinds = ((every, True), (first, True), (every, False), (first, False))
+        return next((i for i, (blocks, capped) in enumerate(kinds) if blocks and (blocks[0] <= top or not capped)), 4)
+
+    return min(near, key=rank)  # the first of the best
 
 
 def static_shape(shape: tuple[Any, ...]) -> bool:
@@ -335,7 +339,7 @@ def _row_block(
         return next(iter(every), None)
     if cast:
         every, first = ([b for b in blocks if b <= CAST_VECTOR_BLOCK] for blocks in (every, first))
-    return next(iter(every + first + _by_preference([b for b in range(ROW_BLOCK, 7, -1) if rows % b == 0], top)), None)
+    return next(iter(every + first + _divisors(rows, top)), None)
 
 
 def _tiling_blocks(rows: int, dims: tuple[int, ...], k: int, top: int = ROW_BLOCK) -> tuple[list[int], list[int]]:
@@ -343,7 +347,7 @@ def _tiling_blocks(rows: int, dims: tuple[int, ...], k: int, top: int = ROW_BLOC
 
     Returns those whose blocks tile every run of the reduced dimensions (W,
     H * W, ...), and those whose blocks tile the W runs, each in order of
-    preference (:func:`_by_preference`). Both are empty when a row itself
+    preference (:func:`_divisors`). Both are empty when a row itself
     crosses the ends of W runs (k neither divides W nor is a multiple of
     it): XLA:CPU then compiled every block size to scalar code (3,187
     float32 (N, H, W, C) cases, C <= 16: none of the 1,491 whose rows and
@@ -353,14 +357,16 @@ def _tiling_blocks(rows: int, dims: tuple[int, ...], k: int, top: int = ROW_BLOC
     runs = [math.prod(dims[i:]) for i in range(len(dims) - 1, 0, -1)] or [rows * k]
     if not _tiles(k, runs[0]):
         return [], []
-    divisors = _by_preference([b for b in range(ROW_BLOCK, 7, -1) if rows % b == 0], top)
+    divisors = _divisors(rows, top)
     every = [b for b in divisors if all(_tiles(b * k, r) for r in runs)]
     return every, [b for b in divisors if _tiles(b * k, runs[0])]
 
 
-def _by_preference(blocks: list[int], top: int) -> list[int]:
-    """Blocks of at most ``top`` rows, largest first, then larger ones, smallest first."""
-    return sorted((b for b in blocks if b <= top), reverse=True) + sorted(b for b in blocks if b > top)
+def _divisors(rows: int, top: int) -> list[int]:
+    """Blocks in [8, ROW_BLOCK] dividing ``rows`` in order of preference: at most ``top`` rows, largest
+    first, then larger ones, smallest first."""
+    blocks = [b for b in range(8, ROW_BLOCK + 1) if rows % b == 0]
+    return [b for b in reversed(blocks) if b <= top] + [b for b in blocks if b > top]
 
 
 def _tiles(a: int, r: int) -> bool:
