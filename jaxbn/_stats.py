@@ -112,6 +112,18 @@ CAST_ROW_BLOCK = 16
 WIDE_ROW = 512
 WIDE_ROW_BLOCK = 16
 
+#: Rows summed per block for the backward's masked sums of operands cast on the
+#: fly (dy and ``dy * (x - mean)``, selected by the mask and by the finiteness of
+#: x): preferably at most :data:`MASKED_CAST_ROW_BLOCK`, and blocks that tile W
+#: of at most :data:`MASKED_CAST_VECTOR_BLOCK`. The centered sums of a bfloat16
+#: (64, 24, 24, 6) or (4096, 512) were scalar code in blocks of 16 rows, vector
+#: code in blocks of 8 to 12; fwd+bwd of a masked bfloat16 (32, 17, 17, 64)
+#: took 0.68 ms in (scalar-code) blocks of 17, 0.44-0.48 ms in blocks of 16 or 8
+#: that cross W; (64, 28, 28, 32) 1.22 ms in blocks of 14, 2.25 ms in blocks
+#: of 28; (16, 100, 100, 16) 2.25 ms in blocks of 10, 4.16 ms in blocks of 20.
+MASKED_CAST_ROW_BLOCK = 12
+MASKED_CAST_VECTOR_BLOCK = 14
+
 #: The largest block of operands cast on the fly that XLA:CPU still compiles to
 #: vector code in every pair of sums (see :data:`CAST_ROW_BLOCK`); larger ones
 #: are taken only above :data:`PAIRED_MAX_SIZE`, where the alternative, the plain
@@ -292,7 +304,7 @@ def _row_block(
     *,
     strict: bool = False,
     top: int = ROW_BLOCK,
-    cast: bool = False,
+    cast: bool | int = False,
 ) -> int | None:
     """Rows per block for an input of ``shape`` reduced over its ``nred`` leading axes.
 
@@ -327,7 +339,7 @@ def _row_block(
     none of at most ``top`` rows does (a bfloat16 (128, 17, 17, 64) in blocks
     of 17: fwd+bwd 1.2-1.6 ms, 2.1-2.7 ms with the plain sums), and for
     operands cast on the fly (``cast``) only up to :data:`CAST_VECTOR_BLOCK`
-    rows unless ``strict``
+    rows (or ``cast`` rows, an int) unless ``strict``
     (bfloat16 (32, 31, 31, 32) in scalar-code blocks of 31: 0.70 ms, in
     vector-code blocks of 16 that cross W: 0.46 ms; (128, 31, 31, 32), above
     2M elements, 3.7 ms in blocks of 31, 4.1 ms with the plain sums).
@@ -338,7 +350,8 @@ def _row_block(
     if strict:
         return next(iter(every), None)
     if cast:
-        every, first = ([b for b in blocks if b <= CAST_VECTOR_BLOCK] for blocks in (every, first))
+        cap = CAST_VECTOR_BLOCK if cast is True else cast
+        every, first = ([b for b in blocks if b <= cap] for blocks in (every, first))
     return next(iter(every + first + _divisors(rows, top)), None)
 
 
@@ -374,43 +387,65 @@ def _tiles(a: int, r: int) -> bool:
     return a % r == 0 or r % a == 0
 
 
-def _two_sums(p, q, red):
-    return jnp.sum(p, axis=red), jnp.sum(q, axis=red)
+def _sums(ops, red):
+    return tuple(jnp.sum(t, axis=red) for t in ops)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def _blocked_pair_sums(p, q, red, any_size=False, run=None):
+@partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
+def _blocked_sums(ops, red, any_size=False, run=None, cast_blocks=None):
     """``paired_sums`` as one variadic reduce over blocks of rows, then the sums of the block totals."""
+    p = ops[0]
     nred = len(red)
     leading = 0 < nred < p.ndim and tuple(red) == tuple(range(nred))
-    if not (leading and static_shape(p.shape)) or p.dtype != q.dtype or _sharded(p) or _sharded(q):
-        return _two_sums(p, q, red)
+    if not (leading and static_shape(p.shape)) or any(t.shape != p.shape or t.dtype != p.dtype or _sharded(t) for t in ops):
+        return _sums(ops, red)
     large = p.size > PAIRED_MAX_SIZE
     kept = p.shape[nred:]
     top = CAST_ROW_BLOCK if any_size else WIDE_ROW_BLOCK if math.prod(kept) >= WIDE_ROW else ROW_BLOCK
-    b = None if large and not any_size else _row_block(p.shape, nred, run, strict=large, top=top, cast=any_size)
+    cast = any_size
+    if cast_blocks is not None:
+        top, cast = cast_blocks
+    b = None if large and not any_size else _row_block(p.shape, nred, run, strict=large, top=top, cast=cast)
     if b is None:
-        return _two_sums(p, q, red)
+        return _sums(ops, red)
     rows = math.prod(p.shape[:nred])
     shape = (rows // b, b) + kept
-    zero = jnp.zeros((), p.dtype)
-    bp, bq = lax.reduce(
-        (p.reshape(shape), q.reshape(shape)),
-        (zero, zero),
-        lambda u, v: (u[0] + v[0], u[1] + v[1]),
+    blocks = lax.reduce(
+        tuple(t.reshape(shape) for t in ops),
+        tuple(jnp.zeros((), t.dtype) for t in ops),
+        lambda u, v: tuple(a + b for a, b in zip(u, v)),
         (1,),
     )
-    return jnp.sum(bp, axis=0), jnp.sum(bq, axis=0)
+    return tuple(jnp.sum(t, axis=0) for t in blocks)
 
 
-@_blocked_pair_sums.defjvp
-def _blocked_pair_sums_jvp(red, any_size, run, primals, tangents):
-    """Both sums are linear: their tangents are the plain sums of the operands' tangents.
+@_blocked_sums.defjvp
+def _blocked_sums_jvp(red, any_size, run, cast_blocks, primals, tangents):
+    """The sums are linear: their tangents are the plain sums of the operands' tangents.
 
     (JAX's JVP of a variadic ``lax.reduce`` fails on a symbolic-zero tangent,
     such as that of a constant dy in a forward-over-reverse second derivative.)
     """
-    return _blocked_pair_sums(*primals, red, any_size, run), _two_sums(*tangents, red)
+    return _blocked_sums(*primals, red, any_size, run, cast_blocks), _sums(*tangents, red)
+
+
+def blocked_sums(
+    ops: tuple[jax.Array, ...],
+    red: tuple[int, ...],
+    *,
+    any_size: bool = False,
+    run: tuple[tuple[int, ...], int] | None = None,
+    cast_blocks: tuple[int, int] | None = None,
+) -> tuple[jax.Array, ...]:
+    """The sums over ``red`` of every operand of ``ops`` (of one shape), in one read of their inputs on CPU.
+
+    See :func:`paired_sums`, which this generalizes to any number of sums.
+    ``cast_blocks``: ``(preferred, largest)`` blocks of operands cast on the fly
+    (``any_size``), in place of :data:`CAST_ROW_BLOCK` and :data:`CAST_VECTOR_BLOCK`
+    (see :func:`_row_block`'s ``top`` and ``cast``).
+    """
+    return lax.platform_dependent(
+        *ops, cpu=lambda *ops: _blocked_sums(ops, red, any_size, run, cast_blocks), default=lambda *ops: _sums(ops, red))
 
 
 def paired_sums(
@@ -446,23 +481,32 @@ def paired_sums(
     without a divisor in [8, 32] and explicitly sharded arrays (whose reshape is not
     free) use two plain sums.
     """
-    return lax.platform_dependent(
-        p, q, cpu=lambda p, q: _blocked_pair_sums(p, q, red, any_size, run), default=partial(_two_sums, red=red))
+    return blocked_sums((p, q), red, any_size=any_size, run=run)
 
 
-def _plain_sums(xv, v: View, cast: bool = False):
-    """One read of x for both sums, per feature: ``(mean, E[x^2] - E[x]^2 scaled to M2, sum(|x|^2))``.
+def _plain_sums(xv, v: View, cast: bool = False, valid=None):
+    """One read of x for both sums, per feature: ``(mean, E[x^2] - E[x]^2 scaled to M2, sum(|x|^2), count)``.
 
     ``cast``: xv is a cast of the input (see :func:`paired_sums`'s ``any_size``).
+    ``valid``: the mask, seen through ``v``: only those elements are summed
+    (masked-out ones may be NaN or inf padding), and counted in the same reduce.
     """
-    s1, s2 = paired_sums(xv, abs_sq(xv), v.red, any_size=cast, run=v.runs)
-    s1, s2 = v.fold_sum(s1), v.fold_sum(s2)
-    n = v.count
-    mean = s1 / n
-    return mean, jnp.maximum(s2 - n * abs_sq(mean), 0), s2
+    if valid is None:
+        s1, s2 = paired_sums(xv, abs_sq(xv), v.red, any_size=cast, run=v.runs)
+        s1, s2 = v.fold_sum(s1), v.fold_sum(s2)
+        n = v.count
+        mean = s1 / n
+        return mean, jnp.maximum(s2 - n * abs_sq(mean), 0), s2, n
+    # The operands of the blocked reduce are selects, which YNNPACK's reductions
+    # (inputs above PAIRED_MAX_SIZE) would read materialized: blocked at any size.
+    xs = jnp.where(valid, xv, 0)
+    ops = (xs, abs_sq(xs), valid.astype(count_dtype(xv.dtype)))
+    s1, s2, n = map(v.fold_sum, blocked_sums(ops, v.red, any_size=True, run=v.runs))
+    mean = per_count(s1, n)
+    return mean, jnp.maximum(s2 - n.astype(s2.dtype) * abs_sq(mean), 0), s2, n
 
 
-def _centered_sums(xv, v: View, c, cast: bool = False, cb=None):
+def _centered_sums(xv, v: View, c, cast: bool = False, cb=None, valid=None, n=None):
     """Per-feature ``(c, mean - c, M2)`` from the sums of ``x - c``, ``c`` one value per feature.
 
     The mean is returned in two parts (the shift and the small correction), so
@@ -478,12 +522,18 @@ def _centered_sums(xv, v: View, c, cast: bool = False, cb=None):
     (equal bit for bit) in the other.
 
     ``cb``: ``v.bcast(c)`` computed by the caller (see :func:`_checked_moments`).
+    ``valid``, ``n``: the mask and the count per feature (see :func:`_plain_sums`).
     """
     cb = v.bcast(c) if cb is None else cb
-    r, q = paired_sums(xv - cb, abs_sq(xv + (-cb)), v.red, any_size=cast, run=v.runs)
+    r, q = xv - cb, abs_sq(xv + (-cb))
+    if valid is not None:
+        r, q = jnp.where(valid, r, 0), jnp.where(valid, q, 0)
+    r, q = paired_sums(r, q, v.red, any_size=cast or valid is not None, run=v.runs)
     r, q = v.fold_sum(r), v.fold_sum(q)
-    n = v.count
-    return c, r / n, jnp.maximum(q - abs_sq(r) / n, 0)
+    if valid is None:
+        n = v.count
+        return c, r / n, jnp.maximum(q - abs_sq(r) / n, 0)
+    return c, per_count(r, n), jnp.maximum(q - per_count(abs_sq(r), n), 0)
 
 
 def _shifted_moments(x, *, v: View, dtype: Any = None):
@@ -500,7 +550,12 @@ def _shifted_moments(x, *, v: View, dtype: Any = None):
     return _centered_sums(xv, v, k, cast=xv.dtype != x.dtype)
 
 
-def _checked_moments(x, *, v: View, dtype: Any = None):
+def _valid(mask, shape: tuple[int, ...], v: View) -> jax.Array:
+    """A mask (broadcastable to ``shape``, nonzero = kept) as booleans of the input's shape, seen through ``v``."""
+    return v.of(jnp.broadcast_to(jnp.asarray(mask, bool), shape))
+
+
+def _checked_moments(x, mask=None, *, v: View, dtype: Any = None, shape: tuple[int, ...] = ()):
     """``(mean, 0, M2)`` from the plain sums, redone in two passes only where they would lose accuracy.
 
     XLA:CPU reduces ``x`` at full memory speed but ``x - K`` (any broadcast
@@ -516,17 +571,36 @@ def _checked_moments(x, *, v: View, dtype: Any = None):
     ``x`` (seen through ``v``) is cast to ``dtype`` (default: at least
     float32) inside each branch, never before: an operand of a ``lax.cond`` is
     materialized, so a cast one would be a full-size float32 copy of a
-    half-precision input, written on every call.
+    half-precision input, written on every call. With a ``mask`` (the user's,
+    broadcastable to the input's ``shape``) only its elements are summed, and
+    counted (``(n, c, mean - c, M2)`` is returned); it too enters the branches
+    as it is, and is broadcast inside.
     """
     dtype = _checks.stats_dtype(x.dtype) if dtype is None else dtype
     cast = x.dtype != dtype
-    mean, m2, s2 = _plain_sums(x.astype(dtype), v, cast)
+
+    def valid():
+        return None if mask is None else _valid(mask, shape, v)
+
+    mean, m2, s2, n = _plain_sums(x.astype(dtype), v, cast, valid())
     ok = jnp.all(s2 <= (1 + WELL_CONDITIONED) * m2)
     # The shift enters the branch already broadcast to the view's columns (a cond's
     # operand is materialized): tiled inside it, the centered sums of a View were
     # scalar code (an index modulo C per element).
-    return lax.cond(ok, lambda mean, m2, cb: (mean, jnp.zeros_like(mean), m2),
-                    lambda mean, m2, cb: _centered_sums(x.astype(dtype), v, mean, cast, cb), mean, m2, v.bcast(mean))
+    moments = lax.cond(ok, lambda mean, m2, cb: (mean, jnp.zeros_like(mean), m2),
+                       lambda mean, m2, cb: _centered_sums(x.astype(dtype), v, mean, cast, cb, valid(), n),
+                       mean, m2, v.bcast(mean))
+    return moments if mask is None else (n, *moments)
+
+
+def _masked_moments(x, mask, *, v: View, dtype: Any, shape: tuple[int, ...]):
+    """``(n, c, mean - c, M2)`` of the masked elements in two passes, the mean first (other platforms):
+    no masked-out value can act as a shift."""
+    valid = _valid(mask, shape, v)
+    xv = x.astype(dtype)
+    n = v.fold_sum(jnp.sum(valid, axis=v.red, dtype=count_dtype(dtype)))
+    mean = per_count(v.fold_sum(jnp.sum(jnp.where(valid, xv, 0), axis=v.red)), n)
+    return (n, *_centered_sums(xv, v, mean, x.dtype != dtype, None, valid, n))
 
 
 def local_moments(
@@ -549,15 +623,16 @@ def local_moments(
     ``mean - c``, unrounded to ``c``'s magnitude (see :func:`merge_moments`);
     the mean is ``c + (mean - c)``.
 
-    Without a mask the default reads x once per sum and stays exact whatever
-    the offset of the data: on CPU the plain sums, checked and redone centered
-    where they would cancel (:func:`_checked_moments`); elsewhere sums of data
-    shifted by a value near the mean (:func:`_shifted_moments`); the sums of
-    the :class:`View`'s columns are folded per feature. With a mask the mean
-    is taken first (two passes) so that no masked value can act as a shift; so
-    is it when a reduction axis is explicitly sharded (jax's explicit meshes
-    cannot slice it). ``fast_variance=True`` is the plain one-pass
-    ``E[x^2] - E[x]^2``.
+    The default reads x once per sum and stays exact whatever the offset of
+    the data: on CPU the plain sums, checked and redone centered where they
+    would cancel (:func:`_checked_moments`; with a mask, the sums and the
+    count of the kept elements in one reduce); elsewhere sums of data shifted
+    by a value near the mean (:func:`_shifted_moments`), or with a mask the
+    mean first (two passes, :func:`_masked_moments`) so that no masked-out
+    value can act as a shift; the sums of the :class:`View`'s columns are
+    folded per feature. The mean is taken first too when a reduction axis is
+    explicitly sharded (jax's explicit meshes cannot slice it).
+    ``fast_variance=True`` is the plain one-pass ``E[x^2] - E[x]^2``.
     """
     dtype = _checks.stats_dtype(dtype)
     rdtype = _checks.real_dtype(dtype)
@@ -581,25 +656,22 @@ def local_moments(
     if mask is None:
         n = jnp.full(fshape, v.count, cdtype)
         if fast_variance:
-            mean, m2, _ = _plain_sums(xv, v, xv.dtype != x.dtype)
+            mean, m2, *_ = _plain_sums(xv, v, xv.dtype != x.dtype)
             return n, mean, jnp.zeros_like(mean), m2
         kernels = {"cpu": partial(_checked_moments, v=v, dtype=dtype), "default": partial(_shifted_moments, v=v, dtype=dtype)}
         c, d, m2 = lax.platform_dependent(v.of(x), **kernels)
         return n, c, d, m2
 
-    # The mean first (two passes), so that no masked value can act as a shift;
-    # every column of a feature is centered on that feature's mean.
-    valid = v.of(jnp.broadcast_to(jnp.asarray(mask, bool), x.shape))
-    n = v.fold_sum(jnp.sum(valid, axis=v.red, dtype=cdtype))
-    xs = jnp.where(valid, xv, 0)
-    mean = per_count(v.fold_sum(jnp.sum(xs, axis=v.red)), n)
+    # The count with the sums of the kept elements, checked as without a mask on
+    # CPU; elsewhere the mean first, so that no masked-out value can act as a shift.
     if fast_variance:
-        s2 = v.fold_sum(jnp.sum(abs_sq(xs), axis=v.red))
-        return n, mean, jnp.zeros_like(mean), jnp.maximum(s2 - n.astype(rdtype) * abs_sq(mean), 0)
-    c = v.bcast(mean)
-    r, q = paired_sums(jnp.where(valid, xv - c, 0), abs_sq(jnp.where(valid, xv + (-c), 0)), v.red, run=v.runs)
-    r, q = v.fold_sum(r), v.fold_sum(q)
-    return n, mean, per_count(r, n), jnp.maximum(q - per_count(abs_sq(r), n), 0)
+        mean, m2, _, n = _plain_sums(xv, v, xv.dtype != x.dtype, _valid(mask, x.shape, v))
+        return n, mean, jnp.zeros_like(mean), m2
+    kernels = {
+        "cpu": partial(_checked_moments, v=v, dtype=dtype, shape=x.shape),
+        "default": partial(_masked_moments, v=v, dtype=dtype, shape=x.shape),
+    }
+    return lax.platform_dependent(v.of(x), jnp.asarray(mask), **kernels)
 
 
 def bound_axis_size(axis_name: Any) -> int:

@@ -432,9 +432,54 @@ def test_every_platforms_kernels_accurate_at_any_offset(offset):
         assert np.max(np.abs(got_mean - mean)) < tol, kernel.__name__
     inv = (1 / np.sqrt(var + 1e-5)).astype(np.float32)
     for kernel in (_ops._checked_backward_sums, _ops._backward_sums):
-        col_dy, got = jax.jit(partial(kernel, v))(w, x, mean.astype(np.float32), inv)
+        col_dy, got = jax.jit(partial(kernel, v, x.shape))(w, x, mean.astype(np.float32), inv)
         assert _rel(col_dy, w.astype(np.float64).sum(0)) < 3e-6, kernel.__name__
         assert _rel(got * inv, dscale) < tol, kernel.__name__
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("shape", [(8192, 8), (64, 8, 16, 8)])
+def test_every_platforms_masked_kernels_accurate_at_any_offset(offset, shape):
+    """The masked kernels (CPU: the checked sums and count in one reduce; elsewhere the
+    mean first) sum and count only the kept elements, exactly at any offset, and drop
+    the cotangents over NaN padding. (64, 8, 16, 8) is reduced through a View (k > 1)."""
+    from jaxbn import _ops, _stats
+
+    x, w, tol = _offset_problem(offset)
+    x, w = x.reshape(shape), w.reshape(shape)
+    rng = np.random.default_rng(6)
+    mask = rng.random(shape) < 0.7
+    # Masked-out elements: NaN padding at some, finite values (normalized, so their
+    # cotangents count in the backward's sums) at the others.
+    padded = ~mask & (rng.random(shape) < 0.5)
+    xp = np.where(padded, np.nan, x).astype(np.float32)
+    red = tuple(range(len(shape) - 1))
+    # x itself (one column per feature), or a View with rows of 8 positions.
+    v = _stats.View(shape, (0,), 1, (8,)) if len(shape) == 2 else _stats.view(xp, red)
+    assert v.k == (1 if len(shape) == 2 else 8)
+    xd, wd = x.astype(np.float64).reshape(-1, 8), w.astype(np.float64).reshape(-1, 8)
+    kept, keep = mask.reshape(-1, 8), ~padded.reshape(-1, 8)
+    n = kept.sum(0)
+    mean = np.where(kept, xd, 0).sum(0) / n
+    var = np.where(kept, (xd - mean) ** 2, 0).sum(0) / n
+    kernels = (
+        partial(_stats._checked_moments, v=v, shape=shape),
+        partial(_stats._masked_moments, v=v, dtype=jnp.float32, shape=shape),
+    )
+    for kernel in kernels:
+        got_n, c, d, m2 = jax.jit(kernel)(v.of(jnp.asarray(xp)), jnp.asarray(mask))
+        np.testing.assert_array_equal(got_n, n)
+        assert _rel(np.asarray(m2, np.float64) / n, var) < 3e-6, kernel.func.__name__
+        got_mean = np.asarray(c, np.float64) + np.asarray(d, np.float64)
+        assert np.max(np.abs(got_mean - mean)) < tol, kernel.func.__name__
+    inv = (1 / np.sqrt(var + 1e-5)).astype(np.float32)
+    ref_dy = np.where(keep, wd, 0).sum(0)
+    ref_dyx = np.where(keep, wd * (np.where(keep, xd, 0) - mean), 0).sum(0)
+    for kernel in (_ops._checked_backward_sums, _ops._backward_sums):
+        run = jax.jit(partial(kernel, v, shape))
+        col_dy, got = run(v.of(jnp.asarray(w)), v.of(jnp.asarray(xp)), mean.astype(np.float32), inv, jnp.asarray(mask))
+        assert _rel(v.fold_sum(col_dy), ref_dy) < 3e-6, kernel.__name__
+        assert _rel(v.fold_sum(got) * inv, ref_dyx * inv) < tol, kernel.__name__
 
 
 @pytest.mark.parametrize("shape", [(64, 3), (64, 8), (128, 16), (8, 6, 6, 4)])
@@ -586,19 +631,24 @@ def test_fwdbwd_reductions_compile_to_vector_code_on_both_branches(tmp_path):
     cases = [((64, 28, 28, 8), "float32"), ((64, 8, 8, 16), "float32"), ((64, 24, 24, 6), "float32"),
              ((16, 28, 28, 4), "float32"), ((64, 28, 28, 8), "bfloat16"), ((64, 24, 24, 6), "bfloat16"),
              ((8, 28, 28, 32), "bfloat16")]
+    # Masked inputs (a full-size boolean mask): their sums and count are blocked at any
+    # size, as the selects they sum would otherwise be materialized for YNNPACK.
+    masked = [((64, 28, 28, 8), "float32"), ((64, 8, 8, 16), "float32"), ((4096, 512), "float32"),
+              ((128, 28, 28, 32), "float32"), ((64, 24, 24, 6), "bfloat16"), ((8, 28, 28, 32), "bfloat16")]
+    cases = [c + (False,) for c in cases] + [c + (True,) for c in masked]
     code = (
         "import jax, jax.numpy as jnp, jaxbn\n"
-        f"for i, (shape, dtype) in enumerate({cases!r}):\n"
-        "    def f(x, w):\n"
-        "        return jnp.sum((jaxbn.batch_norm(x)[0] * w).astype(jnp.float32))\n"
+        f"for i, (shape, dtype, masked) in enumerate({cases!r}):\n"
+        "    def f(x, w, m):\n"
+        "        return jnp.sum((jaxbn.batch_norm(x, mask=m if masked else None)[0] * w).astype(jnp.float32))\n"
         "    f.__name__ = f'case{i}'\n"
         "    a = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))\n"
-        "    jax.jit(jax.grad(f)).lower(a, a).compile()\n"
+        "    jax.jit(jax.grad(f)).lower(a, a, jax.ShapeDtypeStruct(shape, jnp.bool_)).compile()\n"
     )
     env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={tmp_path}", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for i, (shape, dtype) in enumerate(cases):
+    for i, (shape, dtype, _) in enumerate(cases):
         (hlo,) = tmp_path.glob(f"*jit_case{i}.*after_optimizations.txt")
         hlo = hlo.read_text()
         kernels = [p for p in tmp_path.glob(f"*jit_case{i}.*_kernel_module.ir-with-opt.ll") if "reduce_fusion" in p.name]
