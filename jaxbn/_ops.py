@@ -324,9 +324,12 @@ def _dy_sums(v, shape, dy, t, x, mask, mean):
     dyf = dy.astype(mean.dtype)
     p, q = dyf, dyf * t
     if mask is not None:
-        # (A select of t rather than of the product was scalar code too.)
+        # The product of the selected dy, selected again: the backward's own derivative
+        # then never forms 0 * NaN at padding (neither factor alone is selected, as
+        # a select of t rather than of the product was scalar code).
         keep = _stats._valid(mask, shape, v) | finite(x)
-        p, q = jnp.where(keep, p, 0), jnp.where(keep, q, 0)
+        p = jnp.where(keep, dyf, 0)
+        q = jnp.where(keep, p * t, 0)
         # Selects: blocked at any size (see jaxbn._stats._plain_sums).
         blocks = (_stats.MASKED_CAST_ROW_BLOCK, _stats.MASKED_CAST_VECTOR_BLOCK) if _cast(dy, x, mean) else None
         return _stats.blocked_sums((p, q), v.red, any_size=True, run=v.runs, cast_blocks=blocks)

@@ -525,9 +525,10 @@ def _centered_sums(xv, v: View, c, cast: bool = False, cb=None, valid=None, n=No
     ``valid``, ``n``: the mask and the count per feature (see :func:`_plain_sums`).
     """
     cb = v.bcast(c) if cb is None else cb
-    r, q = xv - cb, abs_sq(xv + (-cb))
-    if valid is not None:
-        r, q = jnp.where(valid, r, 0), jnp.where(valid, q, 0)
+    if valid is None:
+        r, q = xv - cb, abs_sq(xv + (-cb))
+    else:  # selected before squaring: a masked-out NaN must not reach a derivative (2 * NaN * 0)
+        r, q = jnp.where(valid, xv - cb, 0), abs_sq(jnp.where(valid, xv + (-cb), 0))
     r, q = paired_sums(r, q, v.red, any_size=cast or valid is not None, run=v.runs)
     r, q = v.fold_sum(r), v.fold_sum(q)
     if valid is None:

@@ -172,6 +172,44 @@ def test_masked_outputs_are_differentiated_like_the_others(nan_padding):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e3])  # both sides of the run-time check
+def test_gradient_of_masked_statistics_ignores_nan_padding(offset):
+    """d var / dx = 2 (x - mean) / n at kept positions, 0 over NaN padding. The centered
+    sums once squared before selecting: 2 * NaN * 0 made every entry NaN."""
+    rng = np.random.default_rng(8)
+    x = (rng.normal(size=(64, 4)) + offset).astype(np.float32)
+    mask = rng.random((64, 4)) < 0.7
+    xp = jnp.asarray(np.where(mask, x, np.nan))
+    g = jax.grad(lambda x: jaxbn.moments(x, mask=mask).var.sum())(xp)
+    xd = np.where(mask, x.astype(np.float64), 0)
+    n = mask.sum(0)
+    expected = np.where(mask, 2 * (xd - xd.sum(0) / n) / n, 0)
+    np.testing.assert_allclose(g, expected, atol=1e-6 * max(1, offset) / 30)
+
+
+def test_second_order_through_masked_backward_ignores_nan_padding():
+    """A gradient penalty (reverse over reverse) through batch_norm over NaN padding equals
+    that over zero padding. The backward's masked sums once formed dy * x before selecting,
+    and their own derivative took NaN * 0 at the padding."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(16, 3)).astype(np.float32)
+    mask = rng.random((16, 3)) < 0.75
+    w = jnp.asarray(rng.normal(size=(16, 3)).astype(np.float32))
+
+    def penalty(w, x, zero_padding):
+        def loss(x):
+            y, _ = jaxbn.batch_norm(x, mask=mask, epsilon=1e-3)
+            # Outputs over NaN padding are zeros by contract; over zero padding they
+            # are normalized like the others, and the loss leaves them out.
+            return jnp.sum((jnp.where(mask, jnp.sin(y), 0) if zero_padding else jnp.sin(y)) * w)
+        return jnp.sum(jnp.where(mask, jax.grad(loss)(x), 0) ** 2)
+
+    got = jax.grad(penalty)(w, jnp.asarray(np.where(mask, x, np.nan)), False)
+    expected = jax.grad(penalty)(w, jnp.asarray(np.where(mask, x, 0)), True)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(64, 8), (32, 4, 4, 4), (64, 20)])
 def test_forward_over_reverse_with_a_constant_cotangent(shape):
     """jax.hessian (forward over reverse) and Hessian-vector products of a loss linear in y,
