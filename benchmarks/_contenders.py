@@ -84,19 +84,26 @@ def problem(shape: tuple[int, ...], seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def reference_fwdbwd(p: dict[str, np.ndarray], eps: float = EPS) -> dict[str, np.ndarray]:
-    """Training-mode batch norm and its gradients in float64 NumPy (loss = sum(y * w))."""
+def reference_fwdbwd(p: dict[str, np.ndarray], eps: float = EPS, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Training-mode batch norm and its gradients in float64 NumPy (loss = sum(y * w)).
+
+    With a ``mask`` (broadcastable to x, True = kept), the statistics are those
+    of the kept elements and every output is normalized with them, as in
+    flax.linen.BatchNorm; dx then has the statistics' terms at kept positions only.
+    """
     x, w = p["x"].astype(np.float64), p["w"].astype(np.float64)
     g, b = p["scale"].astype(np.float64), p["bias"].astype(np.float64)
     red = tuple(range(x.ndim - 1))
-    mean, var = x.mean(red), x.var(red)
+    k = np.ones(x.shape) if mask is None else np.broadcast_to(mask, x.shape).astype(np.float64)
+    m = k.sum(red)
+    mean = (k * x).sum(red) / m
+    var = (k * (x - mean) ** 2).sum(red) / m
     s = 1 / np.sqrt(var + eps)
     xhat = (x - mean) * s
     y = xhat * g + b
     dbias = w.sum(red)
     dscale = (w * xhat).sum(red)
-    m = x.size // x.shape[-1]
-    dx = g * s * (w - dbias / m - xhat * dscale / m)
+    dx = g * s * (w - k * (dbias / m + xhat * dscale / m))
     return {"y": y, "dx": dx, "dscale": dscale, "dbias": dbias}
 
 

@@ -23,6 +23,8 @@ chain      fwd+bwd of 4 layers of BN -> relu in a row (no conv between), jaxbn.B
            against flax.linen.BatchNorm: whether XLA recomputes earlier layers in later ones.
 half       the fwd+bwd of a bfloat16 model (x, y and dy in bfloat16, dtype=bfloat16,
            float32 parameters and statistics): jaxbn.BatchNorm against flax.linen.BatchNorm.
+masked     fwd+bwd with a mask (80% of the positions kept), float32 and bfloat16:
+           jaxbn.BatchNorm against flax.linen.BatchNorm, same mask.
 lenet      the LeNet + BN training step of the lenet_bn config (batch 64).
 sync       jaxbn vs flax under ``axis_name`` on 8 virtual devices (subprocess).
 
@@ -434,6 +436,45 @@ def section_chain(rep: Report, shapes, depth: int, budget: float) -> None:
 HALF_TOL = {"y": 1e-2, "dx": 1.5e-2, "dscale": 1e-4, "dbias": 1e-4}
 
 
+def _module_fwdbwd(rep: Report, where: str, shape, dtype, mask, tol: dict) -> dict:
+    """``jax.grad`` of ``sum(y * w)`` w.r.t. x and the parameters of jaxbn.BatchNorm and flax's, x, w
+    (so dy) and y in ``dtype`` (``dtype=`` too), float32 parameters; ``mask`` (or None) passed to both.
+
+    Each module is checked against a float64 reference computed from the same
+    ``dtype`` values. Returns the timings (see :func:`_time_modules`), the full-size
+    passes and kernels (in tensor sizes of ``dtype``) and the compiled temporary memory.
+    """
+    import flax.linen as nn
+
+    import jaxbn
+
+    jnp = jax.numpy
+    p = C.problem(shape)
+    x, w = jnp.asarray(p["x"], dtype), jnp.asarray(p["w"], dtype)
+    ref = C.reference_fwdbwd({**p, "x": np.asarray(x, np.float32), "w": np.asarray(w, np.float32)}, mask=mask)
+    fns, hlo, temp = {}, {}, {}
+    for name, module in ((JAXBN_MOD, jaxbn.BatchNorm), (FLAX, nn.BatchNorm)):
+        try:
+            bn = module(use_running_average=False, epsilon=C.EPS, dtype=dtype)
+            v = bn.init(jax.random.key(0), x)
+            params = {"scale": jnp.asarray(p["scale"]), "bias": jnp.asarray(p["bias"])}
+
+            def loss(params, x, w, m, bn=bn, stats=v["batch_stats"]):
+                y, _ = bn.apply({"params": params, "batch_stats": stats}, x, mask=m, mutable=["batch_stats"])
+                return jnp.sum(y.astype(jnp.float32) * w.astype(jnp.float32)), y
+
+            args = (params, x, w, None if mask is None else jnp.asarray(mask))
+            compiled = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)).lower(*args).compile()
+            (dp, dx), y = compiled(*args)
+            rep.agree(where, name, {"y": y, "dx": dx, "dscale": dp["scale"], "dbias": dp["bias"]}, ref, tol)
+            hlo[name] = H.hlo_traffic(compiled.as_text(), x.nbytes)
+            temp[name] = int(compiled.memory_analysis().temp_size_in_bytes)
+            fns[name] = lambda c=compiled, args=args: H.block(c(*args))
+        except Exception as e:  # noqa: BLE001
+            rep.error(f"{where} {name}", e)
+    return {"shape": list(shape), "nbytes": x.nbytes, "hlo": hlo, "temp_bytes": temp}, fns
+
+
 def section_half(rep: Report, shapes, budget: float) -> None:
     """Training-mode fwd+bwd of a bfloat16 model: ``jax.grad`` of ``sum(y * w)`` w.r.t. x and
     the parameters, with x, w (so dy) and y in bfloat16 and ``dtype=bfloat16``.
@@ -442,44 +483,36 @@ def section_half(rep: Report, shapes, budget: float) -> None:
     bfloat16 values. Reported: time per call, full-size passes and kernels (in
     bfloat16 tensor sizes) and compiled temporary memory.
     """
-    import flax.linen as nn
-
-    import jaxbn
-
-    jnp = jax.numpy
-    bf16 = jnp.bfloat16
     out = []
     for shape in shapes:
         print(f"half {shape_str(shape)} ...", flush=True)
-        where = f"half {shape_str(shape)}"
-        p = C.problem(shape)
-        x, w = jnp.asarray(p["x"], bf16), jnp.asarray(p["w"], bf16)
-        ref = C.reference_fwdbwd({**p, "x": np.asarray(x, np.float32), "w": np.asarray(w, np.float32)})
-        fns, hlo, temp = {}, {}, {}
-        for name, module in ((JAXBN_MOD, jaxbn.BatchNorm), (FLAX, nn.BatchNorm)):
-            try:
-                bn = module(use_running_average=False, epsilon=C.EPS, dtype=bf16)
-                v = bn.init(jax.random.key(0), x)
-                params = {"scale": jnp.asarray(p["scale"]), "bias": jnp.asarray(p["bias"])}
-
-                def loss(params, x, w, bn=bn, stats=v["batch_stats"]):
-                    y, _ = bn.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
-                    return jnp.sum(y.astype(jnp.float32) * w.astype(jnp.float32)), y
-
-                compiled = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)).lower(params, x, w).compile()
-                (dp, dx), y = compiled(params, x, w)
-                rep.agree(where, name, {"y": y, "dx": dx, "dscale": dp["scale"], "dbias": dp["bias"]}, ref, HALF_TOL)
-                hlo[name] = H.hlo_traffic(compiled.as_text(), x.nbytes)
-                temp[name] = int(compiled.memory_analysis().temp_size_in_bytes)
-                fns[name] = lambda c=compiled, args=(params, x, w): H.block(c(*args))
-            except Exception as e:  # noqa: BLE001
-                rep.error(f"{where} {name}", e)
-        out.append({"shape": list(shape), "nbytes": x.nbytes, "hlo": hlo, "temp_bytes": temp,
-                    **_time_modules(fns, budget)})
+        entry, fns = _module_fwdbwd(rep, f"half {shape_str(shape)}", shape, jax.numpy.bfloat16, None, HALF_TOL)
+        out.append({**entry, **_time_modules(fns, budget)})
         print("   " + "  ".join(f"{k}: {fmt_us(v)}" for k, v in out[-1]["times_us"].items()), flush=True)
     rep.data["half"] = out
     ratios = [e["jaxbn_over_flax"] for e in out if e["jaxbn_over_flax"]]
     rep.data["half_geomean"] = H.geomean(ratios) if ratios else None
+
+
+def section_masked(rep: Report, shapes, budget: float) -> None:
+    """Training-mode fwd+bwd with a mask, float32 and bfloat16: jaxbn.BatchNorm against
+    flax.linen.BatchNorm, both given the same boolean mask of x's shape (whole positions,
+    80% kept), checked against a float64 reference.
+    """
+    jnp = jax.numpy
+    out = []
+    for dtype, tol in ((jnp.float32, TOL), (jnp.bfloat16, HALF_TOL)):
+        name = jnp.dtype(dtype).name
+        for shape in shapes:
+            print(f"masked {name} {shape_str(shape)} ...", flush=True)
+            rng = np.random.default_rng(1)
+            mask = np.broadcast_to(rng.random(shape[:-1] + (1,)) < 0.8, shape)
+            entry, fns = _module_fwdbwd(rep, f"masked {name} {shape_str(shape)}", shape, dtype, mask, tol)
+            out.append({"dtype": name, **entry, **_time_modules(fns, budget)})
+            print("   " + "  ".join(f"{k}: {fmt_us(v)}" for k, v in out[-1]["times_us"].items()), flush=True)
+    rep.data["masked"] = out
+    ratios = [e["jaxbn_over_flax"] for e in out if e["jaxbn_over_flax"]]
+    rep.data["masked_geomean"] = H.geomean(ratios) if ratios else None
 
 
 def _lenet_costs(times: dict[str, list[float]], steps: int) -> dict[str, Any]:
@@ -821,6 +854,23 @@ def render(rep: Report) -> str:
             + table(["shape", "size", JAXBN_MOD, FLAX, "jaxbn / flax", f"{JAXBN_MOD} passes / kernels",
                      f"{FLAX} passes / kernels", f"{JAXBN_MOD} temp", f"{FLAX} temp"], rows)
         )
+    if d.get("masked"):
+        rows = [
+            [e["dtype"], shape_str(e["shape"])]
+            + [fmt_us(e["times_us"].get(n)) for n in (JAXBN_MOD, FLAX)]
+            + [fmt_x(e["jaxbn_over_flax"])]
+            + [passes_str(e["hlo"][n]) if n in e["hlo"] else "-" for n in (JAXBN_MOD, FLAX)]
+            + [f"{e['temp_bytes'][n] / 2**20:.2f} MiB" if n in e["temp_bytes"] else "-" for n in (JAXBN_MOD, FLAX)]
+            for e in d["masked"]
+        ]
+        rows.append(["geomean", "", "", "", fmt_x(d.get("masked_geomean")), "", "", "", ""])
+        parts.append(
+            "Masked inputs (the same boolean mask of x's shape for both, 80% of the positions kept), "
+            "training-mode fwd+bwd, median time per call; passes in tensor sizes of the dtype (a read of the "
+            "mask, 1 byte per element, counts 0.5 in bfloat16 and is left out in float32):\n\n"
+            + table(["dtype", "shape", JAXBN_MOD, FLAX, "jaxbn / flax", f"{JAXBN_MOD} passes / kernels",
+                     f"{FLAX} passes / kernels", f"{JAXBN_MOD} temp", f"{FLAX} temp"], rows)
+        )
     if d.get("lenet"):
         ln = d["lenet"]
         xla = ln.get("xla_defaults") or {}
@@ -898,8 +948,8 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", help="also write the tables to this file")
     ap.add_argument(
         "--sections",
-        default="fwdbwd,infer,fold,reduce,chain,half,lenet,sync",
-        help="comma-separated subset of fwdbwd,infer,fold,reduce,chain,half,lenet,sync",
+        default="fwdbwd,infer,fold,reduce,chain,half,masked,lenet,sync",
+        help="comma-separated subset of fwdbwd,infer,fold,reduce,chain,half,masked,lenet,sync",
     )
     ap.add_argument("--shapes", help="override the shapes, e.g. 64x120,32x56x56x64")
     ap.add_argument("--budget", type=float, help="seconds of timing per shape and section")
@@ -945,6 +995,7 @@ def main(argv=None) -> int:
         "reduce": lambda: section_reduce(rep, REDUCE_QUICK if quick else REDUCE_FULL, budget / 2),
         "chain": lambda: section_chain(rep, CHAIN_QUICK if quick else CHAIN_FULL, CHAIN_DEPTH, budget / 2),
         "half": lambda: section_half(rep, shapes, budget / 2),
+        "masked": lambda: section_masked(rep, shapes, budget / 2),
         "lenet": lambda: section_lenet(rep, rounds=2 if quick else 100, steps=10 if quick else 40),
         "sync": lambda: section_sync(rep, SYNC_QUICK if quick else SYNC_FULL, 0.3 if quick else 3.0),
     }
