@@ -330,9 +330,8 @@ def _dy_sums(v, shape, dy, t, x, mask, mean):
         keep = _stats._valid(mask, shape, v) | finite(x)
         p = jnp.where(keep, dyf, 0)
         q = jnp.where(keep, p * t, 0)
-        # Selects: blocked at any size (see jaxbn._stats._plain_sums).
-        blocks = (_stats.MASKED_CAST_ROW_BLOCK, _stats.MASKED_CAST_VECTOR_BLOCK) if _cast(dy, x, mean) else None
-        return _stats.blocked_sums((p, q), v.red, any_size=True, run=v.runs, cast_blocks=blocks)
+        limit = _stats.MASKED_CAST_BLOCKS if _cast(dy, x, mean) else _stats.MASKED_BLOCKS
+        return _stats.blocked_sums((p, q), v.red, run=v.runs, limit=limit)
     return paired_sums(p, q, v.red, any_size=_cast(dy, x, mean), run=v.runs)
 
 

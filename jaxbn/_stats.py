@@ -112,17 +112,23 @@ CAST_ROW_BLOCK = 16
 WIDE_ROW = 512
 WIDE_ROW_BLOCK = 16
 
-#: Rows summed per block for the backward's masked sums of operands cast on the
-#: fly (dy and ``dy * (x - mean)``, selected by the mask and by the finiteness of
-#: x): preferably at most :data:`MASKED_CAST_ROW_BLOCK`, and blocks that tile W
-#: of at most :data:`MASKED_CAST_VECTOR_BLOCK`. The centered sums of a bfloat16
-#: (64, 24, 24, 6) or (4096, 512) were scalar code in blocks of 16 rows, vector
-#: code in blocks of 8 to 12; fwd+bwd of a masked bfloat16 (32, 17, 17, 64)
-#: took 0.68 ms in (scalar-code) blocks of 17, 0.44-0.48 ms in blocks of 16 or 8
-#: that cross W; (64, 28, 28, 32) 1.22 ms in blocks of 14, 2.25 ms in blocks
-#: of 28; (16, 100, 100, 16) 2.25 ms in blocks of 10, 4.16 ms in blocks of 20.
-MASKED_CAST_ROW_BLOCK = 12
-MASKED_CAST_VECTOR_BLOCK = 14
+#: Blocks of masked sums, ``(preferred largest, largest)`` rows (see
+#: :func:`_row_block`'s ``limit``). A mask's select (and in the backward the
+#: finiteness test of x) make XLA:CPU compile smaller blocks to scalar code than
+#: without one (a sweep of 232 shapes x 3 dtypes): the masked statistics (3
+#: sums) from 23 rows in bfloat16, 25 in float16, 31 in float32; the backward's
+#: masked sums from 21 rows in float32, 17-19 in half precision (16 for the
+#: centered sums of a bfloat16 (64, 24, 24, 6) or (4096, 512)). Masked sums take
+#: no larger block at any size (their plain sums, above :data:`PAIRED_MAX_SIZE`
+#: too, read materialized selects): blocks that cross W instead, else the plain
+#: sums. fwd+bwd of a masked bfloat16 (32, 17, 17, 64): 0.68 ms in scalar-code
+#: blocks of 17, 0.44-0.48 ms in blocks of 16 or 8 that cross W; float32 (64,
+#: 31, 31, 64), above 2M elements, 1.23x flax's time in blocks of 31, 0.84x in
+#: blocks that cross W; float32 (8, 31, 31, 16), whose rows have no other divisor
+#: in [8, 32], 33-42% faster with the plain sums than in blocks of 31.
+MASKED_BLOCKS = (16, 19)
+#: The backward's masked sums of half-precision operands (cast on the fly).
+MASKED_CAST_BLOCKS = (12, 14)
 
 #: The largest block of operands cast on the fly that XLA:CPU still compiles to
 #: vector code in every pair of sums (see :data:`CAST_ROW_BLOCK`); larger ones
@@ -304,7 +310,8 @@ def _row_block(
     *,
     strict: bool = False,
     top: int = ROW_BLOCK,
-    cast: bool | int = False,
+    cast: bool = False,
+    limit: tuple[int, int] | None = None,
 ) -> int | None:
     """Rows per block for an input of ``shape`` reduced over its ``nred`` leading axes.
 
@@ -339,19 +346,24 @@ def _row_block(
     none of at most ``top`` rows does (a bfloat16 (128, 17, 17, 64) in blocks
     of 17: fwd+bwd 1.2-1.6 ms, 2.1-2.7 ms with the plain sums), and for
     operands cast on the fly (``cast``) only up to :data:`CAST_VECTOR_BLOCK`
-    rows (or ``cast`` rows, an int) unless ``strict``
+    rows unless ``strict``
     (bfloat16 (32, 31, 31, 32) in scalar-code blocks of 31: 0.70 ms, in
     vector-code blocks of 16 that cross W: 0.46 ms; (128, 31, 31, 32), above
     2M elements, 3.7 ms in blocks of 31, 4.1 ms with the plain sums).
+    ``limit = (top, largest)``: a hard limit instead, at any size (masked sums,
+    see :data:`MASKED_BLOCKS`): blocks that tile of at most ``largest`` rows,
+    else blocks of at most ``top`` that cross W, else None.
     """
     rows = math.prod(shape[:nred])
     dims, k = run if run is not None else (shape[:nred], 1)
     every, first = _tiling_blocks(rows, dims, k, top)
+    if limit is not None:
+        top, largest = limit
+        return next((b for b in every + first + _divisors(rows, top) if b <= (largest if b in first else top)), None)
     if strict:
         return next(iter(every), None)
     if cast:
-        cap = CAST_VECTOR_BLOCK if cast is True else cast
-        every, first = ([b for b in blocks if b <= cap] for blocks in (every, first))
+        every, first = ([b for b in blocks if b <= CAST_VECTOR_BLOCK] for blocks in (every, first))
     return next(iter(every + first + _divisors(rows, top)), None)
 
 
@@ -392,7 +404,7 @@ def _sums(ops, red):
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
-def _blocked_sums(ops, red, any_size=False, run=None, cast_blocks=None):
+def _blocked_sums(ops, red, any_size=False, run=None, limit=None):
     """``paired_sums`` as one variadic reduce over blocks of rows, then the sums of the block totals."""
     p = ops[0]
     nred = len(red)
@@ -402,10 +414,12 @@ def _blocked_sums(ops, red, any_size=False, run=None, cast_blocks=None):
     large = p.size > PAIRED_MAX_SIZE
     kept = p.shape[nred:]
     top = CAST_ROW_BLOCK if any_size else WIDE_ROW_BLOCK if math.prod(kept) >= WIDE_ROW else ROW_BLOCK
-    cast = any_size
-    if cast_blocks is not None:
-        top, cast = cast_blocks
-    b = None if large and not any_size else _row_block(p.shape, nred, run, strict=large, top=top, cast=cast)
+    if limit is not None:
+        b = _row_block(p.shape, nred, run, limit=limit)
+    elif large and not any_size:
+        b = None
+    else:
+        b = _row_block(p.shape, nred, run, strict=large, top=top, cast=any_size)
     if b is None:
         return _sums(ops, red)
     rows = math.prod(p.shape[:nred])
@@ -420,13 +434,13 @@ def _blocked_sums(ops, red, any_size=False, run=None, cast_blocks=None):
 
 
 @_blocked_sums.defjvp
-def _blocked_sums_jvp(red, any_size, run, cast_blocks, primals, tangents):
+def _blocked_sums_jvp(red, any_size, run, limit, primals, tangents):
     """The sums are linear: their tangents are the plain sums of the operands' tangents.
 
     (JAX's JVP of a variadic ``lax.reduce`` fails on a symbolic-zero tangent,
     such as that of a constant dy in a forward-over-reverse second derivative.)
     """
-    return _blocked_sums(*primals, red, any_size, run, cast_blocks), _sums(*tangents, red)
+    return _blocked_sums(*primals, red, any_size, run, limit), _sums(*tangents, red)
 
 
 def blocked_sums(
@@ -435,17 +449,16 @@ def blocked_sums(
     *,
     any_size: bool = False,
     run: tuple[tuple[int, ...], int] | None = None,
-    cast_blocks: tuple[int, int] | None = None,
+    limit: tuple[int, int] | None = None,
 ) -> tuple[jax.Array, ...]:
     """The sums over ``red`` of every operand of ``ops`` (of one shape), in one read of their inputs on CPU.
 
     See :func:`paired_sums`, which this generalizes to any number of sums.
-    ``cast_blocks``: ``(preferred, largest)`` blocks of operands cast on the fly
-    (``any_size``), in place of :data:`CAST_ROW_BLOCK` and :data:`CAST_VECTOR_BLOCK`
-    (see :func:`_row_block`'s ``top`` and ``cast``).
+    ``limit``: ``(preferred, largest)`` rows per block, a hard limit at any size
+    (masked sums, see :data:`MASKED_BLOCKS`).
     """
     return lax.platform_dependent(
-        *ops, cpu=lambda *ops: _blocked_sums(ops, red, any_size, run, cast_blocks), default=lambda *ops: _sums(ops, red))
+        *ops, cpu=lambda *ops: _blocked_sums(ops, red, any_size, run, limit), default=lambda *ops: _sums(ops, red))
 
 
 def paired_sums(
@@ -497,11 +510,9 @@ def _plain_sums(xv, v: View, cast: bool = False, valid=None):
         n = v.count
         mean = s1 / n
         return mean, jnp.maximum(s2 - n * abs_sq(mean), 0), s2, n
-    # The operands of the blocked reduce are selects, which YNNPACK's reductions
-    # (inputs above PAIRED_MAX_SIZE) would read materialized: blocked at any size.
     xs = jnp.where(valid, xv, 0)
     ops = (xs, abs_sq(xs), valid.astype(count_dtype(xv.dtype)))
-    s1, s2, n = map(v.fold_sum, blocked_sums(ops, v.red, any_size=True, run=v.runs))
+    s1, s2, n = map(v.fold_sum, blocked_sums(ops, v.red, run=v.runs, limit=MASKED_BLOCKS))
     mean = per_count(s1, n)
     return mean, jnp.maximum(s2 - n.astype(s2.dtype) * abs_sq(mean), 0), s2, n
 
@@ -526,10 +537,10 @@ def _centered_sums(xv, v: View, c, cast: bool = False, cb=None, valid=None, n=No
     """
     cb = v.bcast(c) if cb is None else cb
     if valid is None:
-        r, q = xv - cb, abs_sq(xv + (-cb))
+        r, q = paired_sums(xv - cb, abs_sq(xv + (-cb)), v.red, any_size=cast, run=v.runs)
     else:  # selected before squaring: a masked-out NaN must not reach a derivative (2 * NaN * 0)
         r, q = jnp.where(valid, xv - cb, 0), abs_sq(jnp.where(valid, xv + (-cb), 0))
-    r, q = paired_sums(r, q, v.red, any_size=cast or valid is not None, run=v.runs)
+        r, q = blocked_sums((r, q), v.red, run=v.runs, limit=MASKED_BLOCKS)
     r, q = v.fold_sum(r), v.fold_sum(q)
     if valid is None:
         n = v.count

@@ -670,9 +670,13 @@ def test_fwdbwd_reductions_compile_to_vector_code_on_both_branches(tmp_path):
              ((16, 28, 28, 4), "float32"), ((64, 28, 28, 8), "bfloat16"), ((64, 24, 24, 6), "bfloat16"),
              ((8, 28, 28, 32), "bfloat16")]
     # Masked inputs (a full-size boolean mask): their sums and count are blocked at any
-    # size, as the selects they sum would otherwise be materialized for YNNPACK.
+    # size, as the selects they sum would otherwise be materialized for YNNPACK, in
+    # blocks no larger than jaxbn._stats.MASKED_BLOCKS allows (blocks of W = 31, 19
+    # or 17 rows, all the tiling ones, were scalar code; (64, 31, 31, 64) and
+    # (128, 19, 19, 128) are above 2M elements).
     masked = [((64, 28, 28, 8), "float32"), ((64, 8, 8, 16), "float32"), ((4096, 512), "float32"),
-              ((128, 28, 28, 32), "float32"), ((64, 24, 24, 6), "bfloat16"), ((8, 28, 28, 32), "bfloat16")]
+              ((128, 28, 28, 32), "float32"), ((64, 24, 24, 6), "bfloat16"), ((8, 28, 28, 32), "bfloat16"),
+              ((64, 31, 31, 64), "float32"), ((128, 19, 19, 128), "bfloat16"), ((32, 17, 17, 64), "bfloat16")]
     cases = [c + (False,) for c in cases] + [c + (True,) for c in masked]
     code = (
         "import jax, jax.numpy as jnp, jaxbn\n"
