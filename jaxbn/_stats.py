@@ -481,8 +481,11 @@ def paired_sums(
     blocked reductions. Measured on (3072, 72) float32 (LeNet's first BN): 133
     against 224 us without YNNPACK, 105 against 151 us with it. Above
     :data:`PAIRED_MAX_SIZE` elements YNNPACK's two reductions (XLA's default)
-    are as fast, and so was the whole fwd+bwd of (32, 56, 56, 64) with the
-    blocked sums (8.58 against 8.56 ms), so larger inputs keep the plain sums,
+    were as fast, and so was the whole fwd+bwd of (32, 56, 56, 64) with the
+    blocked sums (8.58 against 8.56 ms). In session 21 the blocked sums made
+    a single BN's fwd+bwd 4-15% faster there, but 4 layers of BN -> relu in a
+    row 1.3-1.5x slower: XLA fuses each layer's output into the next layer's
+    blocked reduces, not into YNNPACK's (BENCHMARKS.md). Larger inputs keep the plain sums,
     except with ``any_size=True``, for operands computed from a cast (half
     precision summed in float32): the blocked reduce reads the narrow input
     and casts on the fly, while YNNPACK's reductions read a materialized
