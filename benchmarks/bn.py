@@ -838,38 +838,35 @@ def render(rep: Report) -> str:
             + table(["shape", "layers", JAXBN_MOD, FLAX, "jaxbn / flax",
                      f"{JAXBN_MOD} passes / kernels", f"{FLAX} passes / kernels"], rows)
         )
-    if d.get("half"):
+    module_cols = ["jaxbn / flax", f"{JAXBN_MOD} passes / kernels", f"{FLAX} passes / kernels",
+                   f"{JAXBN_MOD} temp", f"{FLAX} temp"]
+
+    def module_rows(entries, key, label):
+        """Rows of a section timed by _module_fwdbwd: ``label(e)`` cells, then times, ratio, passes, temp."""
         rows = [
-            [shape_str(e["shape"]), f"{e['nbytes'] / 2**20:.2f} MiB"]
+            label(e)
             + [fmt_us(e["times_us"].get(n)) for n in (JAXBN_MOD, FLAX)]
             + [fmt_x(e["jaxbn_over_flax"])]
             + [passes_str(e["hlo"][n]) if n in e["hlo"] else "-" for n in (JAXBN_MOD, FLAX)]
             + [f"{e['temp_bytes'][n] / 2**20:.2f} MiB" if n in e["temp_bytes"] else "-" for n in (JAXBN_MOD, FLAX)]
-            for e in d["half"]
+            for e in entries
         ]
-        rows.append(["geomean", "", "", "", fmt_x(d.get("half_geomean")), "", "", "", ""])
+        return rows + [["geomean", "", "", "", fmt_x(d.get(key)), "", "", "", ""]]
+
+    if d.get("half"):
+        rows = module_rows(d["half"], "half_geomean", lambda e: [shape_str(e["shape"]), f"{e['nbytes'] / 2**20:.2f} MiB"])
         parts.append(
             "bfloat16 model (x, dy and y in bfloat16, `dtype=bfloat16`; float32 parameters and statistics), "
             "training-mode fwd+bwd, median time per call; passes in bfloat16 tensor sizes:\n\n"
-            + table(["shape", "size", JAXBN_MOD, FLAX, "jaxbn / flax", f"{JAXBN_MOD} passes / kernels",
-                     f"{FLAX} passes / kernels", f"{JAXBN_MOD} temp", f"{FLAX} temp"], rows)
+            + table(["shape", "size", JAXBN_MOD, FLAX] + module_cols, rows)
         )
     if d.get("masked"):
-        rows = [
-            [e["dtype"], shape_str(e["shape"])]
-            + [fmt_us(e["times_us"].get(n)) for n in (JAXBN_MOD, FLAX)]
-            + [fmt_x(e["jaxbn_over_flax"])]
-            + [passes_str(e["hlo"][n]) if n in e["hlo"] else "-" for n in (JAXBN_MOD, FLAX)]
-            + [f"{e['temp_bytes'][n] / 2**20:.2f} MiB" if n in e["temp_bytes"] else "-" for n in (JAXBN_MOD, FLAX)]
-            for e in d["masked"]
-        ]
-        rows.append(["geomean", "", "", "", fmt_x(d.get("masked_geomean")), "", "", "", ""])
+        rows = module_rows(d["masked"], "masked_geomean", lambda e: [e["dtype"], shape_str(e["shape"])])
         parts.append(
             "Masked inputs (the same boolean mask of x's shape for both, 80% of the positions kept), "
             "training-mode fwd+bwd, median time per call; passes in tensor sizes of the dtype (a read of the "
             "mask, 1 byte per element, counts 0.5 in bfloat16 and is left out in float32):\n\n"
-            + table(["dtype", "shape", JAXBN_MOD, FLAX, "jaxbn / flax", f"{JAXBN_MOD} passes / kernels",
-                     f"{FLAX} passes / kernels", f"{JAXBN_MOD} temp", f"{FLAX} temp"], rows)
+            + table(["dtype", "shape", JAXBN_MOD, FLAX] + module_cols, rows)
         )
     if d.get("lenet"):
         ln = d["lenet"]
