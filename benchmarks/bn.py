@@ -436,13 +436,14 @@ def section_chain(rep: Report, shapes, depth: int, budget: float) -> None:
 HALF_TOL = {"y": 1e-2, "dx": 1.5e-2, "dscale": 1e-4, "dbias": 1e-4}
 
 
-def _module_fwdbwd(rep: Report, where: str, shape, dtype, mask, tol: dict) -> dict:
+def _module_fwdbwd(rep: Report, where: str, shape, dtype, mask, tol: dict) -> tuple[dict, dict]:
     """``jax.grad`` of ``sum(y * w)`` w.r.t. x and the parameters of jaxbn.BatchNorm and flax's, x, w
     (so dy) and y in ``dtype`` (``dtype=`` too), float32 parameters; ``mask`` (or None) passed to both.
 
     Each module is checked against a float64 reference computed from the same
-    ``dtype`` values. Returns the timings (see :func:`_time_modules`), the full-size
-    passes and kernels (in tensor sizes of ``dtype``) and the compiled temporary memory.
+    ``dtype`` values. Returns the entry of the results (shape, bytes, the full-size
+    passes and kernels in tensor sizes of ``dtype``, the compiled temporary memory)
+    and the compiled calls to time, by contender.
     """
     import flax.linen as nn
 

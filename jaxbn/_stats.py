@@ -112,21 +112,23 @@ CAST_ROW_BLOCK = 16
 WIDE_ROW = 512
 WIDE_ROW_BLOCK = 16
 
-#: Blocks of masked sums, ``(preferred largest, largest)`` rows (see
-#: :func:`_row_block`'s ``limit``). A mask's select (and in the backward the
-#: finiteness test of x) make XLA:CPU compile smaller blocks to scalar code than
-#: without one (a sweep of 232 shapes x 3 dtypes): the masked statistics (3
-#: sums) from 23 rows in bfloat16, 25 in float16, 31 in float32; the backward's
-#: masked sums from 21 rows in float32, 17-19 in half precision (16 for the
-#: centered sums of a bfloat16 (64, 24, 24, 6) or (4096, 512)). Masked sums take
-#: no larger block at any size (their plain sums, above :data:`PAIRED_MAX_SIZE`
-#: too, read materialized selects): blocks that cross W instead, else the plain
-#: sums. fwd+bwd of a masked bfloat16 (32, 17, 17, 64): 0.68 ms in scalar-code
-#: blocks of 17, 0.44-0.48 ms in blocks of 16 or 8 that cross W; float32 (64,
-#: 31, 31, 64), above 2M elements, 1.23x flax's time in blocks of 31, 0.84x in
-#: blocks that cross W; float32 (8, 31, 31, 16), whose rows have no other divisor
-#: in [8, 32], 33-42% faster with the plain sums than in blocks of 31.
-MASKED_BLOCKS = (16, 19)
+#: Blocks of masked sums, ``(top, largest)`` rows (see :func:`_row_block`'s
+#: ``limit``): blocks that tile W of at most ``largest`` rows, preferring those
+#: of at most ``top``. A mask's select (and in the backward the finiteness test
+#: of x) make XLA:CPU compile smaller blocks to scalar code than without one (a
+#: sweep of 232 shapes x 3 dtypes): the masked statistics (3 sums) from 23 rows
+#: in bfloat16, 25 in float16, 31 in float32; the backward's masked sums from
+#: 17-19 rows in half precision (16 for the centered sums of a bfloat16 (64, 24,
+#: 24, 6) or (4096, 512)), and in float32 from 21 rows, from 19 with the
+#: exponent-bit finiteness test. Masked sums take no larger block at any size
+#: (their plain sums, above :data:`PAIRED_MAX_SIZE` too, read materialized
+#: selects): blocks that cross W instead, else the plain sums. fwd+bwd of a
+#: masked bfloat16 (32, 17, 17, 64): 0.68 ms in scalar-code blocks of 17,
+#: 0.44-0.48 ms in blocks of 16 or 8 that cross W; float32 (64, 31, 31, 64),
+#: above 2M elements, 1.09x flax's time in blocks of 31, 0.73x in blocks that
+#: cross W; float32 (8, 31, 31, 16), whose rows have no other divisor in [8,
+#: 32], 33-42% faster with the plain sums than in blocks of 31.
+MASKED_BLOCKS = (16, 16)
 #: The backward's masked sums of half-precision operands (cast on the fly).
 MASKED_CAST_BLOCKS = (12, 14)
 
@@ -356,10 +358,11 @@ def _row_block(
     """
     rows = math.prod(shape[:nred])
     dims, k = run if run is not None else (shape[:nred], 1)
-    every, first = _tiling_blocks(rows, dims, k, top)
     if limit is not None:
         top, largest = limit
+        every, first = _tiling_blocks(rows, dims, k, top)
         return next((b for b in every + first + _divisors(rows, top) if b <= (largest if b in first else top)), None)
+    every, first = _tiling_blocks(rows, dims, k, top)
     if strict:
         return next(iter(every), None)
     if cast:
@@ -405,11 +408,11 @@ def _sums(ops, red):
 
 @partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
 def _blocked_sums(ops, red, any_size=False, run=None, limit=None):
-    """``paired_sums`` as one variadic reduce over blocks of rows, then the sums of the block totals."""
+    """:func:`blocked_sums` as one variadic reduce over blocks of rows, then the sums of the block totals."""
     p = ops[0]
     nred = len(red)
     leading = 0 < nred < p.ndim and tuple(red) == tuple(range(nred))
-    if not (leading and static_shape(p.shape)) or any(t.shape != p.shape or t.dtype != p.dtype or _sharded(t) for t in ops):
+    if not (leading and static_shape(p.shape)) or p.size == 0 or any(t.shape != p.shape or t.dtype != p.dtype or _sharded(t) for t in ops):
         return _sums(ops, red)
     large = p.size > PAIRED_MAX_SIZE
     kept = p.shape[nred:]
@@ -570,7 +573,7 @@ def _valid(mask, shape: tuple[int, ...], v: View) -> jax.Array:
     return v.of(jnp.broadcast_to(jnp.asarray(mask, bool), shape))
 
 
-def _checked_moments(x, mask=None, *, v: View, dtype: Any = None, shape: tuple[int, ...] = ()):
+def _checked_moments(x, mask=None, *, v: View, dtype: Any = None, shape: tuple[int, ...] | None = None):
     """``(mean, 0, M2)`` from the plain sums, redone in two passes only where they would lose accuracy.
 
     XLA:CPU reduces ``x`` at full memory speed but ``x - K`` (any broadcast
@@ -594,8 +597,8 @@ def _checked_moments(x, mask=None, *, v: View, dtype: Any = None, shape: tuple[i
     dtype = _checks.stats_dtype(x.dtype) if dtype is None else dtype
     cast = x.dtype != dtype
 
-    def valid():
-        return None if mask is None else _valid(mask, shape, v)
+    def valid():  # the mask, of the input's shape (the view's without one)
+        return None if mask is None else _valid(mask, v.shape if shape is None else shape, v)
 
     mean, m2, s2, n = _plain_sums(x.astype(dtype), v, cast, valid())
     ok = jnp.all(s2 <= (1 + WELL_CONDITIONED) * m2)
@@ -645,8 +648,8 @@ def local_moments(
     by a value near the mean (:func:`_shifted_moments`), or with a mask the
     mean first (two passes, :func:`_masked_moments`) so that no masked-out
     value can act as a shift; the sums of the :class:`View`'s columns are
-    folded per feature. The mean is taken first too when a reduction axis is
-    explicitly sharded (jax's explicit meshes cannot slice it).
+    folded per feature. Without a mask, the mean is taken first too when a
+    reduction axis is explicitly sharded (jax's explicit meshes cannot slice it).
     ``fast_variance=True`` is the plain one-pass ``E[x^2] - E[x]^2``.
     """
     dtype = _checks.stats_dtype(dtype)

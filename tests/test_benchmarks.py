@@ -45,7 +45,7 @@ def test_quick_benchmark_agreement(quick_run):
     checks = data["agreement"]
     assert checks and all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
     where = {c["where"].split()[0] for c in checks}
-    assert {"fwdbwd", "infer", "fold", "chain", "half", "sync"} <= where
+    assert {"fwdbwd", "infer", "fold", "chain", "half", "masked", "sync"} <= where
 
 
 def test_quick_benchmark_has_every_contender(quick_run):
@@ -72,6 +72,9 @@ def test_quick_benchmark_has_every_contender(quick_run):
         assert {"jaxbn.BatchNorm", "flax.linen.BatchNorm"} <= set(entry["times_us"])
     assert data["half"], "no bfloat16 results"
     for entry in data["half"]:
+        assert {"jaxbn.BatchNorm", "flax.linen.BatchNorm"} <= set(entry["times_us"]) == set(entry["temp_bytes"])
+    assert {e["dtype"] for e in data["masked"]} == {"float32", "bfloat16"}, "no masked results"
+    for entry in data["masked"]:
         assert {"jaxbn.BatchNorm", "flax.linen.BatchNorm"} <= set(entry["times_us"]) == set(entry["temp_bytes"])
     assert {"jaxbn.BatchNorm", "flax.linen.BatchNorm", "no BN"} <= set(data["lenet"]["step_us"])
     sync = data["sync"]

@@ -172,6 +172,49 @@ def test_masked_outputs_are_differentiated_like_the_others(nan_padding):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(2, 0, 3, 8), (0, 16)])
+def test_gradient_of_an_empty_masked_batch(shape):
+    """An empty batch with a mask differentiates to empty gradients (the blocked sums once
+    divided by zero choosing their blocks)."""
+    x, mask = jnp.zeros(shape), jnp.ones(shape, bool)
+    gx, gs = jax.grad(lambda x, s: jnp.sum(jaxbn.batch_norm(x, s, mask=mask)[0]), argnums=(0, 1))(x, jnp.ones(shape[-1]))
+    assert gx.shape == shape and np.all(np.asarray(gs) == 0)
+
+
+def test_finite_padding_test_matches_isfinite():
+    from jaxbn._ops import finite
+
+    vals = np.array([0.0, -0.0, 1.0, -3e38, 3e38, 1e-45, np.inf, -np.inf, np.nan], np.float32)
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        x = jnp.asarray(vals).astype(dtype)
+        np.testing.assert_array_equal(finite(x), jnp.isfinite(x))
+    z = jnp.asarray(np.array([1 + 1j, complex(np.nan, 0), complex(0, np.inf)], np.complex64))
+    np.testing.assert_array_equal(finite(z), [True, False, False])
+
+
+def test_nan_padding_under_fast_math_and_debug_nans():
+    """Outputs and gradients over NaN and inf padding stay 0 with XLA's fast math (which may
+    assume no NaN), and inf padding raises nothing under jax_debug_nans. A finiteness test
+    as x - x == 0 let NaN through under fast math, and formed a NaN from inf padding."""
+    code = (
+        "import jax, jax.numpy as jnp, numpy as np, jaxbn\n"
+        "x = jnp.array([[1.0, 2.0], [3.0, np.nan], [np.inf, 0.5], [0.25, -1.0]])\n"
+        "m = jnp.isfinite(x)\n"
+        "f = lambda x: jnp.sum(jaxbn.batch_norm(x, mask=m)[0] * jnp.arange(8.0).reshape(4, 2))\n"
+        "y = jax.jit(lambda x: jaxbn.batch_norm(x, mask=m)[0])(x)\n"
+        "g = jax.jit(jax.grad(f))(x)\n"
+        "assert np.all(np.isfinite(y)) and np.all(np.isfinite(g)), (y, g)\n"
+        "assert np.all(np.asarray(y)[~np.asarray(m)] == 0) and np.all(np.asarray(g)[~np.asarray(m)] == 0)\n"
+        "x = jnp.where(m, x, jnp.inf)  # inf padding: no NaN anywhere, so none may be formed\n"
+        "jax.config.update('jax_debug_nans', True)\n"
+        "with jax.disable_jit():\n"
+        "    jax.grad(f)(x)\n"
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_fast_math=true", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("offset", [0.0, 1e3])  # both sides of the run-time check
 def test_gradient_of_masked_statistics_ignores_nan_padding(offset):
     """d var / dx = 2 (x - mean) / n at kept positions, 0 over NaN padding. The centered
