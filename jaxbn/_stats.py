@@ -508,7 +508,8 @@ def _plain_sums(xv, v: View, cast: bool = False, valid=None):
 
     ``cast``: xv is a cast of the input (see :func:`paired_sums`'s ``any_size``).
     ``valid``: the mask, seen through ``v``: only those elements are summed
-    (masked-out ones may be NaN or inf padding), and counted in the same reduce.
+    (masked-out ones may be NaN or inf padding), and counted in the same reduce,
+    in blocks of :data:`MASKED_BLOCKS` whether cast or not.
     """
     if valid is None:
         s1, s2 = paired_sums(xv, abs_sq(xv), v.red, any_size=cast, run=v.runs)
