@@ -336,7 +336,7 @@ def _dy_sums(v, shape, dy, t, x, mask, mean):
         # dy selected, and its product with t selected again: the backward's own
         # derivative then never forms 0 * NaN at padding (t itself is not selected:
         # a select of t rather than of the product was scalar code).
-        keep = _stats._valid(mask, shape, v) | finite(x)
+        keep = _stats.mask_view(mask, shape, v) | finite(x)
         p = jnp.where(keep, dyf, 0)
         q = jnp.where(keep, p * t, 0)
         limit = _stats.MASKED_CAST_BLOCKS if _cast(dy, x, mean) else _stats.MASKED_BLOCKS

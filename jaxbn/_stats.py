@@ -360,9 +360,9 @@ def _row_block(
     dims, k = run if run is not None else (shape[:nred], 1)
     if limit is not None:
         top, largest = limit
-        every, first = _tiling_blocks(rows, dims, k, top)
-        return next((b for b in every + first + _divisors(rows, top) if b <= (largest if b in first else top)), None)
     every, first = _tiling_blocks(rows, dims, k, top)
+    if limit is not None:
+        return next((b for b in every + first + _divisors(rows, top) if b <= (largest if b in first else top)), None)
     if strict:
         return next(iter(every), None)
     if cast:
@@ -569,7 +569,7 @@ def _shifted_moments(x, *, v: View, dtype: Any = None):
     return _centered_sums(xv, v, k, cast=xv.dtype != x.dtype)
 
 
-def _valid(mask, shape: tuple[int, ...], v: View) -> jax.Array:
+def mask_view(mask, shape: tuple[int, ...], v: View) -> jax.Array:
     """A mask (broadcastable to ``shape``, nonzero = kept) as booleans of the input's shape, seen through ``v``."""
     return v.of(jnp.broadcast_to(jnp.asarray(mask, bool), shape))
 
@@ -599,7 +599,7 @@ def _checked_moments(x, mask=None, *, v: View, dtype: Any = None, shape: tuple[i
     cast = x.dtype != dtype
 
     def valid():  # the mask, of the input's shape (the view's without one)
-        return None if mask is None else _valid(mask, v.shape if shape is None else shape, v)
+        return None if mask is None else mask_view(mask, v.shape if shape is None else shape, v)
 
     mean, m2, s2, n = _plain_sums(x.astype(dtype), v, cast, valid())
     ok = jnp.all(s2 <= (1 + WELL_CONDITIONED) * m2)
@@ -615,7 +615,7 @@ def _checked_moments(x, mask=None, *, v: View, dtype: Any = None, shape: tuple[i
 def _masked_moments(x, mask, *, v: View, dtype: Any, shape: tuple[int, ...]):
     """``(n, c, mean - c, M2)`` of the masked elements in two passes, the mean first (other platforms):
     no masked-out value can act as a shift."""
-    valid = _valid(mask, shape, v)
+    valid = mask_view(mask, shape, v)
     xv = x.astype(dtype)
     n = v.fold_sum(jnp.sum(valid, axis=v.red, dtype=count_dtype(dtype)))
     mean = per_count(v.fold_sum(jnp.sum(jnp.where(valid, xv, 0), axis=v.red)), n)
@@ -684,7 +684,7 @@ def local_moments(
     # The count with the sums of the kept elements, checked as without a mask on
     # CPU; elsewhere the mean first, so that no masked-out value can act as a shift.
     if fast_variance:
-        mean, m2, _, n = _plain_sums(xv, v, xv.dtype != x.dtype, _valid(mask, x.shape, v))
+        mean, m2, _, n = _plain_sums(xv, v, xv.dtype != x.dtype, mask_view(mask, x.shape, v))
         return n, mean, jnp.zeros_like(mean), m2
     kernels = {
         "cpu": partial(_checked_moments, v=v, dtype=dtype, shape=x.shape),
