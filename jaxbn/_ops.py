@@ -38,10 +38,11 @@ statistics, reads x and writes y, reads dy and x for the backward reductions,
 and reads dy and x again to write dx: 8 tensor-sized reads and writes. The
 compiled program makes these kernels and no full-size temporary. On CPU, for
 inputs of up to ``jaxbn._stats.PAIRED_MAX_SIZE`` elements, each pair of sums
-is one kernel (``jaxbn._stats.paired_sums``), which gives the 8; larger
-float32 inputs and other platforms take each sum separately (XLA:CPU's
-YNNPACK reductions and GPU reductions each fuse their elementwise operand),
-10 on CPU. Only x and per-feature vectors are kept for the backward.
+is one kernel (``jaxbn._stats.paired_sums``), which gives the 8; the
+statistics of larger float32 inputs take XLA:CPU's two YNNPACK reductions
+(9 passes; see ``paired_sums`` for why), and other platforms take each sum
+separately (GPU reductions fuse their elementwise operand). Only x and
+per-feature vectors are kept for the backward.
 Half-precision x and dy are read as they are and cast to float32 inside the
 reductions: the run-time checks below take them uncast (XLA materializes a
 conditional's operands, so cast ones were full-size float32 copies), and on
@@ -303,7 +304,7 @@ def _batch_norm_bwd(cfg: _Config, res, cts):
 
 
 def _cast(dy, x, mean) -> bool:
-    """True when the backward sums read a cast of dy or x (see ``jaxbn._stats.paired_sums``'s any_size)."""
+    """True when the backward sums read a cast of dy or x (see ``jaxbn._stats.paired_sums``)."""
     return dy.dtype != mean.dtype or x.dtype != mean.dtype
 
 
@@ -341,7 +342,7 @@ def _dy_sums(v, shape, dy, t, x, mask, mean):
         q = jnp.where(keep, p * t, 0)
         limit = _stats.MASKED_CAST_BLOCKS if _cast(dy, x, mean) else _stats.MASKED_BLOCKS
         return _stats.blocked_sums((p, q), v.red, run=v.runs, limit=limit)
-    return paired_sums(p, q, v.red, any_size=_cast(dy, x, mean), run=v.runs)
+    return paired_sums(p, q, v.red, cast=_cast(dy, x, mean), any_size=True, run=v.runs)
 
 
 def _checked_backward_sums(v, shape, dy, x, mean, inv, mask=None):

@@ -406,8 +406,8 @@ def _sums(ops, red):
     return tuple(jnp.sum(t, axis=red) for t in ops)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
-def _blocked_sums(ops, red, any_size=False, run=None, limit=None):
+@partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _blocked_sums(ops, red, cast=False, any_size=False, run=None, limit=None):
     """:func:`blocked_sums` as one variadic reduce over blocks of rows, then the sums of the block totals."""
     p = ops[0]
     nred = len(red)
@@ -416,13 +416,13 @@ def _blocked_sums(ops, red, any_size=False, run=None, limit=None):
         return _sums(ops, red)
     large = p.size > PAIRED_MAX_SIZE
     kept = p.shape[nred:]
-    top = CAST_ROW_BLOCK if any_size else WIDE_ROW_BLOCK if math.prod(kept) >= WIDE_ROW else ROW_BLOCK
+    top = CAST_ROW_BLOCK if cast else WIDE_ROW_BLOCK if math.prod(kept) >= WIDE_ROW else ROW_BLOCK
     if limit is not None:
         b = _row_block(p.shape, nred, run, limit=limit)
-    elif large and not any_size:
+    elif large and not (any_size or cast):
         b = None
     else:
-        b = _row_block(p.shape, nred, run, strict=large, top=top, cast=any_size)
+        b = _row_block(p.shape, nred, run, strict=large, top=top, cast=cast)
     if b is None:
         return _sums(ops, red)
     rows = math.prod(p.shape[:nred])
@@ -437,19 +437,20 @@ def _blocked_sums(ops, red, any_size=False, run=None, limit=None):
 
 
 @_blocked_sums.defjvp
-def _blocked_sums_jvp(red, any_size, run, limit, primals, tangents):
+def _blocked_sums_jvp(red, cast, any_size, run, limit, primals, tangents):
     """The sums are linear: their tangents are the plain sums of the operands' tangents.
 
     (JAX's JVP of a variadic ``lax.reduce`` fails on a symbolic-zero tangent,
     such as that of a constant dy in a forward-over-reverse second derivative.)
     """
-    return _blocked_sums(*primals, red, any_size, run, limit), _sums(*tangents, red)
+    return _blocked_sums(*primals, red, cast, any_size, run, limit), _sums(*tangents, red)
 
 
 def blocked_sums(
     ops: tuple[jax.Array, ...],
     red: tuple[int, ...],
     *,
+    cast: bool = False,
     any_size: bool = False,
     run: tuple[tuple[int, ...], int] | None = None,
     limit: tuple[int, int] | None = None,
@@ -461,7 +462,7 @@ def blocked_sums(
     (masked sums, see :data:`MASKED_BLOCKS`).
     """
     return lax.platform_dependent(
-        *ops, cpu=lambda *ops: _blocked_sums(ops, red, any_size, run, limit), default=lambda *ops: _sums(ops, red))
+        *ops, cpu=lambda *ops: _blocked_sums(ops, red, cast, any_size, run, limit), default=lambda *ops: _sums(ops, red))
 
 
 def paired_sums(
@@ -469,6 +470,7 @@ def paired_sums(
     q: jax.Array,
     red: tuple[int, ...],
     *,
+    cast: bool = False,
     any_size: bool = False,
     run: tuple[tuple[int, ...], int] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -483,36 +485,42 @@ def paired_sums(
     by the sums of the block totals, which are as accurate as XLA's own
     blocked reductions. Measured on (3072, 72) float32 (LeNet's first BN): 133
     against 224 us without YNNPACK, 105 against 151 us with it. Above
-    :data:`PAIRED_MAX_SIZE` elements YNNPACK's two reductions (XLA's default)
-    were as fast, and so was the whole fwd+bwd of (32, 56, 56, 64) with the
-    blocked sums (8.58 against 8.56 ms). In session 21 the blocked sums made
-    a single BN's fwd+bwd 4-15% faster there, but 4 layers of BN -> relu in a
-    row 1.3-1.5x slower: XLA fuses each layer's output into the next layer's
-    blocked reduces, not into YNNPACK's (BENCHMARKS.md). Larger inputs keep the plain sums,
-    except with ``any_size=True``, for operands computed from a cast (half
-    precision summed in float32): the blocked reduce reads the narrow input
-    and casts on the fly, while YNNPACK's reductions read a materialized
-    float32 copy (bfloat16 (32, 56, 56, 64), whole fwd+bwd: 5.49 against
-    7.56 ms; (128, 28, 28, 32): 2.29 against 3.36 ms), where its blocks
-    tile the W runs (:func:`_row_block`; otherwise the plain sums).
+    :data:`PAIRED_MAX_SIZE` elements, the statistics keep YNNPACK's two
+    reductions (XLA's default), whose kernels take no producer: the blocked
+    sums of x made a single BN's fwd+bwd 2-6% faster there, but 4 layers of
+    BN -> relu in a row 1.3-1.5x slower, as XLA fused each layer's output
+    into the next layer's blocked reduce and stopped writing it, recomputing
+    it in every consumer (BENCHMARKS.md). ``any_size=True`` takes the blocked
+    sums above it too, where blocks of at most :data:`ROW_BLOCK` rows tile
+    every run of the input (:func:`_row_block`'s ``strict``; otherwise the
+    plain sums): the backward's sums of dy and dy * x, whose operands are
+    written anyway (dy for dx, x for the next layer), read dy once instead of
+    twice, and the fwd+bwd makes 9 passes instead of 10 (0.90-0.98x the time
+    on 8 shapes of 3-8M elements, 4 layers of BN -> relu 0.95-1.00x, session
+    22). ``cast=True``, for operands computed from a
+    cast (half precision summed in float32), implies it and takes smaller
+    blocks (:data:`CAST_ROW_BLOCK`): the blocked reduce reads the narrow
+    input and casts on the fly, while YNNPACK's reductions read a
+    materialized float32 copy (bfloat16 (32, 56, 56, 64), whole fwd+bwd:
+    5.49 against 7.56 ms; (128, 28, 28, 32): 2.29 against 3.36 ms).
     ``run``: ``(View.run, View.k)`` of a viewed input (:attr:`View.runs`).
     Other platforms, reductions that are not over the leading axes, row counts
     without a divisor in [8, 32] and explicitly sharded arrays (whose reshape is not
     free) use two plain sums.
     """
-    return blocked_sums((p, q), red, any_size=any_size, run=run)
+    return blocked_sums((p, q), red, cast=cast, any_size=any_size, run=run)
 
 
 def _plain_sums(xv, v: View, cast: bool = False, valid=None):
     """One read of x for both sums, per feature: ``(mean, E[x^2] - E[x]^2 scaled to M2, sum(|x|^2), count)``.
 
-    ``cast``: xv is a cast of the input (see :func:`paired_sums`'s ``any_size``).
+    ``cast``: xv is a cast of the input (see :func:`paired_sums`).
     ``valid``: the mask, seen through ``v``: only those elements are summed
     (masked-out ones may be NaN or inf padding), and counted in the same reduce,
     in blocks of :data:`MASKED_BLOCKS` whether cast or not.
     """
     if valid is None:
-        s1, s2 = paired_sums(xv, abs_sq(xv), v.red, any_size=cast, run=v.runs)
+        s1, s2 = paired_sums(xv, abs_sq(xv), v.red, cast=cast, run=v.runs)
         s1, s2 = v.fold_sum(s1), v.fold_sum(s2)
         n = v.count
         mean = s1 / n
@@ -544,7 +552,7 @@ def _centered_sums(xv, v: View, c, cast: bool = False, cb=None, valid=None, n=No
     """
     cb = v.bcast(c) if cb is None else cb
     if valid is None:
-        r, q = paired_sums(xv - cb, abs_sq(xv + (-cb)), v.red, any_size=cast, run=v.runs)
+        r, q = paired_sums(xv - cb, abs_sq(xv + (-cb)), v.red, cast=cast, run=v.runs)
     else:  # selected before squaring: a masked-out NaN must not reach a derivative (2 * NaN * 0)
         r, q = jnp.where(valid, xv - cb, 0), abs_sq(jnp.where(valid, xv + (-cb), 0))
         r, q = blocked_sums((r, q), v.red, run=v.runs, limit=MASKED_BLOCKS)

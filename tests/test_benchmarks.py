@@ -5,6 +5,7 @@ passed) and its JSON must hold every section and contender.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -148,3 +149,34 @@ def test_hlo_traffic_counts_the_branches_of_a_conditional():
     t = _harness.hlo_traffic(text, x.nbytes)
     assert (t["passes"], t["kernels"]) == (2, 1)
     assert (t["passes_max"], t["kernels_max"]) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    "shape, passes, worst",
+    [((4096, 512), (8, 4), (9, 5)), ((128, 28, 28, 32), (9, 5), (11, 7))],
+)
+def test_fwdbwd_tensor_passes(shape, passes, worst):
+    """The float32 fwd+bwd of jaxbn.batch_norm moves the tensor-sized buffers README and BENCHMARKS.md state.
+
+    Up to 2M elements: 8 passes in 4 kernels (each pair of sums one kernel);
+    above, 9 in 5: the statistics as YNNPACK's two reductions, the backward's
+    sums still one kernel (10 in 6 before). ``worst``: when the run-time
+    accuracy checks take their centered sums.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    import jaxbn
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import _harness
+
+    def loss(x, w):
+        y = jaxbn.batch_norm(x)[0]
+        return jnp.sum(y * w), y  # y is written, as it feeds the next layer
+
+    a = jax.ShapeDtypeStruct(shape, jnp.float32)
+    text = jax.jit(jax.grad(loss, has_aux=True)).lower(a, a).compile().as_text()
+    t = _harness.hlo_traffic(text, 4 * math.prod(shape))
+    assert (t["passes"], t["kernels"]) == passes, t
+    assert (t["passes_max"], t["kernels_max"]) == worst, t

@@ -659,6 +659,10 @@ def test_paired_sums_compile_to_vector_code(tmp_path):
     cases += [(s, bf16, "backward") for s in [(32, 56, 56, 64), (8, 28, 28, 32), (4096, 512), (64, 28, 28, 8),
                                               (64, 8, 8, 16), (32, 24, 24, 32)]]
     cases += [(s, bf16, "centered") for s in [(32, 56, 56, 64), (8, 28, 28, 32), (4096, 512), (32, 24, 24, 32)]]
+    # float32 backward sums above 2M elements, which take the blocked sums where blocks tile
+    # every run (104 conv and 2-D shapes of 2-32M elements compiled to vector code).
+    cases += [(s, f32, "backward") for s in [(32, 56, 56, 64), (128, 28, 28, 32), (8, 112, 112, 64), (16384, 256)]]
+    cases += [(s, f32, "centered") for s in [(32, 56, 56, 64), (8, 112, 112, 64), (16384, 256)]]
     # W with no divisor in [8, 16]: blocks of 17-22 rows that tile W, or of 16 that cross it
     # (blocks of 23-32 rows were scalar code); above 2M elements, blocks of 17.
     for dt in (bf16, "float16"):
@@ -675,7 +679,7 @@ def test_paired_sums_compile_to_vector_code(tmp_path):
         "        xv = v.of(x).astype(jnp.float32)\n"
         "        p = xv if kind == 'stats' else v.of(dy).astype(jnp.float32)\n"
         "        q = xv + v.bcast(-mean) if kind == 'centered' else xv\n"
-        "        return _stats.paired_sums(p, p * q, v.red, any_size=dtype != 'float32', run=v.runs)\n"
+        "        return _stats.paired_sums(p, p * q, v.red, cast=dtype != 'float32', any_size=kind != 'stats', run=v.runs)\n"
         "    f.__name__ = f'case{i}'\n"
         "    a = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))\n"
         "    jax.jit(f).lower(a, a, jax.ShapeDtypeStruct(v.fshape, jnp.float32)).compile()\n"
