@@ -206,6 +206,10 @@ def hlo_traffic(hlo_text: str, nbytes: int) -> dict[str, float]:
     runs one of its branches, which are counted the same way: ``passes`` and
     ``kernels`` take the branch with the least traffic, ``passes_max`` and
     ``kernels_max`` the one with the most (what the data decide at run time).
+    A buffer that reaches one kernel twice, as itself and through a
+    ``bitcast`` (a reshape that moves nothing, such as the 2-D view of a
+    narrow input), also through a conditional's operands, is read once in the
+    kernel's loop and counted once.
     The result is the number of full-size buffers moved and the number of
     kernels that touch them.
     """
@@ -217,8 +221,11 @@ def hlo_traffic(hlo_text: str, nbytes: int) -> dict[str, float]:
         body = comps.get(called.group(1), []) if called else []
         return any(re.search(r" reduce(?:-window)?\(", b) for b in body)
 
-    def walk(lines: list[str]) -> tuple[float, float, int, int]:
+    def walk(lines: list[str], outer: list[str] | None = None) -> tuple[float, float, int, int]:
+        """``outer``: the buffers (by identity) of the elements of the computation's tuple parameter."""
         size: dict[str, int] = {}
+        ident: dict[str, str] = {}  # name -> the buffer it is (through bitcasts and tuples)
+        elems: dict[str, list[str]] = {}  # a tuple's name -> its elements' identities
         lo = hi = 0.0
         k_lo = k_hi = 0
         for line in lines[1:]:
@@ -227,6 +234,17 @@ def hlo_traffic(hlo_text: str, nbytes: int) -> dict[str, float]:
                 continue
             name, ty, op, operands = m.groups()
             size[name] = _shape_bytes(ty)
+            args = [o.strip().lstrip("%") for o in operands.split(",") if o.strip()]
+            if op == "bitcast":
+                ident[name] = ident.get(args[0], args[0])
+            elif op == "tuple":
+                elems[name] = [ident.get(a, a) for a in args]
+            elif op == "parameter" and outer is not None:
+                elems[name] = outer
+            elif op == "get-tuple-element":
+                index = int(re.search(r"index=(\d+)", line).group(1))
+                if index < len(elems.get(args[0], [])):
+                    ident[name] = elems[args[0]][index]
             if op == "conditional":
                 branches = re.search(r"branch_computations=\{([^}]*)\}", line)
                 names = [b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches else []
@@ -234,7 +252,7 @@ def hlo_traffic(hlo_text: str, nbytes: int) -> dict[str, float]:
                     t = re.search(key + r"=%?([\w.-]+)", line)
                     if t:
                         names.append(t.group(1))
-                costs = [walk(comps[b]) for b in names if b in comps]
+                costs = [walk(comps[b], elems.get(a)) for b, a in zip(names, args[1:]) if b in comps]
                 if costs:
                     lo += min(c[0] for c in costs)
                     k_lo += min(c[2] for c in costs)
@@ -245,7 +263,8 @@ def hlo_traffic(hlo_text: str, nbytes: int) -> dict[str, float]:
                 continue
             if "kind=kLoop" in line and size[name] < nbytes // 2 and not reduces(line):
                 continue
-            io = [size[name]] + [size.get(o.strip().lstrip("%"), 0) for o in operands.split(",")]
+            reads = {ident.get(a, a): a for a in args}  # each buffer once
+            io = [size[name]] + [size.get(a, 0) for a in reads.values()]
             io = [b for b in io if b >= nbytes // 2]
             if io:
                 lo += sum(io)

@@ -47,7 +47,7 @@ Half-precision x and dy are read as they are and cast to float32 inside the
 reductions: the run-time checks below take them uncast (XLA materializes a
 conditional's operands, so cast ones were full-size float32 copies), and on
 CPU their sums take the blocked kernel at any size where its row blocks tile
-the input's W runs (YNNPACK's reductions read a materialized cast). So do
+the input's W runs (above 2M elements, every run) (YNNPACK's reductions read a materialized cast). So do
 masked sums, whose selects YNNPACK would read materialized too; the mask is
 read inside the same kernels (the statistics' count with their sums), so a
 masked fwd+bwd runs the same 4 full-size kernels as an unmasked one.

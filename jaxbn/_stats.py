@@ -485,8 +485,8 @@ def paired_sums(
     by the sums of the block totals, which are as accurate as XLA's own
     blocked reductions. Measured on (3072, 72) float32 (LeNet's first BN): 133
     against 224 us without YNNPACK, 105 against 151 us with it. Above
-    :data:`PAIRED_MAX_SIZE` elements, the statistics keep YNNPACK's two
-    reductions (XLA's default), whose kernels take no producer: the blocked
+    :data:`PAIRED_MAX_SIZE` elements, the statistics of uncast inputs keep
+    YNNPACK's two reductions (XLA's default), whose kernels take no producer: the blocked
     sums of x made a single BN's fwd+bwd 2-6% faster there, but 4 layers of
     BN -> relu in a row 1.3-1.5x slower, as XLA fused each layer's output
     into the next layer's blocked reduce and stopped writing it, recomputing
@@ -497,8 +497,9 @@ def paired_sums(
     written anyway (dy for dx, x for the next layer), read dy once instead of
     twice, and the fwd+bwd makes 9 passes instead of 10 (0.90-0.98x the time
     on 8 shapes of 3-8M elements, 4 layers of BN -> relu 0.95-1.00x, session
-    22). ``cast=True``, for operands computed from a
-    cast (half precision summed in float32), implies it and takes smaller
+    22; BENCHMARKS.md, "The backward's sums above 2M elements in one
+    kernel"). ``cast=True``, for operands computed from a
+    cast (half precision summed in float32), implies it and prefers smaller
     blocks (:data:`CAST_ROW_BLOCK`): the blocked reduce reads the narrow
     input and casts on the fly, while YNNPACK's reductions read a
     materialized float32 copy (bfloat16 (32, 56, 56, 64), whole fwd+bwd:
